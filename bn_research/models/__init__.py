@@ -1,0 +1,169 @@
+"""Models: MLP (optionally residual), VGG-style CNN, deep linear network.
+
+Every model is an NNX module whose hidden layers sit in an `nnx.Dict` under stable
+names (`dense_0`, `conv_3`, ...; the output layer is `head`). A call
+`model(x, train=..., rng=...)` returns `(output, aux)`, where `aux[layer]` holds the
+layer's normalization input (`norm_in`) and nonlinearity input (`act_in`) for the
+probes; under `jax.jit` whatever the caller does not use is compiled away.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bn_research import norms
+
+ACTIVATIONS = {
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "linear": lambda x: x,
+}
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Layer(nnx.Module):
+    """linear -> norm -> activation ('before') or linear -> activation -> norm ('after')."""
+
+    def __init__(self, kind, fan_in, fan_out, activation, norm_name, norm_cfg, *, rngs, **kw):
+        spec = norms.get(norm_name)
+        self.linear = norms.make_linear(kind, fan_in, fan_out, spec, norm_cfg, rngs=rngs, **kw)
+        self.norm = spec.make(fan_out, norm_cfg, rngs=rngs)
+        self.activation = activation
+        self.placement = norm_cfg.placement
+        if self.placement not in ("before", "after"):
+            raise ValueError(
+                f"norm.placement must be 'before' or 'after', not '{self.placement}'"
+            )
+
+    def __call__(self, x, *, train, rng):
+        act = ACTIVATIONS[self.activation]
+        z = self.linear(x)
+        if self.placement == "before":
+            a = self.norm(z, train=train, rng=rng)
+            return act(a), {"norm_in": z, "act_in": a}
+        u = act(z)
+        return self.norm(u, train=train, rng=rng), {"norm_in": u, "act_in": z}
+
+
+def _layer_rng(rng, i):
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+class MLP(nnx.Module):
+    """`depth` hidden layers of `width` units, then a plain dense `head`.
+
+    With `residual`, every hidden layer after the first adds its input: h <- h + f(h).
+    """
+
+    def __init__(self, cfg, norm_cfg, input_shape, output_dim, *, rngs: nnx.Rngs):
+        get_activation(cfg.activation)
+        fan_in = int(jnp.prod(jnp.array(input_shape)))
+        self.residual = bool(cfg.residual)
+        layers = {}
+        for i in range(cfg.depth):
+            layers[f"dense_{i}"] = Layer(
+                "dense", fan_in, cfg.width, cfg.activation, cfg.norm, norm_cfg,
+                init_scale=cfg.init_scale, rngs=rngs,
+            )
+            fan_in = cfg.width
+        self.layers = nnx.Dict(layers)
+        self.head = norms.Dense(fan_in, output_dim, use_bias=True, rngs=rngs)
+
+    def layer_names(self):
+        return list(self.layers.keys())
+
+    def __call__(self, x, *, train: bool, rng=None):
+        h = x.reshape((x.shape[0], -1))
+        aux = {}
+        for i, name in enumerate(self.layer_names()):
+            out, aux[name] = self.layers[name](h, train=train, rng=_layer_rng(rng, i))
+            h = h + out if (self.residual and i > 0) else out
+        return self.head(h), aux
+
+
+class CNN(nnx.Module):
+    """VGG-style: `depth` 3x3 conv layers, widths w, w, 2w, 2w, 4w, ...; 2x2 max-pooling
+    after every second conv while the image is at least 2x2; global average pool; `head`."""
+
+    def __init__(self, cfg, norm_cfg, input_shape, output_dim, *, rngs: nnx.Rngs):
+        get_activation(cfg.activation)
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model.name='cnn' needs images [H, W, C]; this dataset gives {tuple(input_shape)}"
+            )
+        channels, size = input_shape[-1], min(input_shape[:2])
+        layers, self.pool_after = {}, []
+        for i in range(cfg.depth):
+            width = cfg.width * 2 ** (i // 2)
+            layers[f"conv_{i}"] = Layer(
+                "conv", channels, width, cfg.activation, cfg.norm, norm_cfg,
+                init_scale=cfg.init_scale, rngs=rngs,
+            )
+            channels = width
+            if i % 2 == 1 and size >= 2:
+                self.pool_after.append(f"conv_{i}")
+                size //= 2
+        self.layers = nnx.Dict(layers)
+        self.head = norms.Dense(channels, output_dim, use_bias=True, rngs=rngs)
+
+    def layer_names(self):
+        return list(self.layers.keys())
+
+    def __call__(self, x, *, train: bool, rng=None):
+        h, aux = x, {}
+        for i, name in enumerate(self.layer_names()):
+            h, aux[name] = self.layers[name](h, train=train, rng=_layer_rng(rng, i))
+            if name in self.pool_after:
+                h = jax.lax.reduce_window(
+                    h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+                )
+        return self.head(h.mean((1, 2))), aux
+
+
+def _deep_linear(cfg, norm_cfg, input_shape, output_dim, *, rngs):
+    """Deep linear network (Santurkar et al. 2018, sec. 3.2; Saxe et al. 2014): an MLP
+    whose activation is the identity."""
+    if cfg.activation != "linear":
+        raise ValueError(
+            f"model.name='deep_linear' needs model.activation='linear', not '{cfg.activation}'"
+        )
+    return MLP(cfg, norm_cfg, input_shape, output_dim, rngs=rngs)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "deep_linear": _deep_linear}
+
+
+def get(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build(config, input_shape, output_dim, seed: int):
+    """The model named by `config.model.name`, initialized from `seed`."""
+    return get(config.model.name)(
+        config.model, config.norm, tuple(input_shape), output_dim, rngs=nnx.Rngs(params=seed)
+    )
+
+
+def data_init(model, x):
+    """Data-dependent initialization of weight-normalized layers (Salimans & Kingma 2016,
+    sec. 3), layer by layer on the batch `x`; a no-op for other variants."""
+    layers = model.layers
+    h = x.reshape((x.shape[0], -1)) if isinstance(model, MLP) else x
+    for i, name in enumerate(model.layer_names()):
+        layer = layers[name]
+        if isinstance(layer.linear, (norms.WNDense, norms.WNConv)):
+            norms.wn_data_init(layer.linear, h)
+        out, _ = layer(h, train=False, rng=None)
+        h = h + out if (isinstance(model, MLP) and model.residual and i > 0) else out
+        if isinstance(model, CNN) and name in model.pool_after:
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")

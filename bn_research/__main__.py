@@ -1,0 +1,3 @@
+from bn_research.cli import run
+
+run()

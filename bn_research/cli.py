@@ -1,0 +1,174 @@
+"""`bn-research train | compare | sweep` (also `python -m bn_research`).
+
+The only module that defines flags. Usage errors (unknown config keys, wrong types,
+unknown variants, datasets or models, a workdir holding another run) print one line
+and exit with code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+USAGE = """usage:
+  bn-research train   --config configs/mlp.py:norm=batch --workdir runs/mlp_bn [--config.a.b=v ...] [--overwrite]
+  bn-research compare RUN_DIR [RUN_DIR ...] [--plot out.png] [--metric eval/accuracy]
+  bn-research sweep   --config configs/mlp.py --workdir runs/sweep --sweep model.norm=batch,none [--sweep seed=0,1]
+"""
+
+COMMANDS = ("train", "compare", "sweep")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file[:arg]", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (train) or sweep root (sweep)",
+                        flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir", flag_values=fv)
+    flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one axis of the sweep grid",
+                              flag_values=fv)
+    flags.DEFINE_string("plot", None, "compare: write a figure of the runs here", flag_values=fv)
+    flags.DEFINE_string("metric", "eval/accuracy", "compare: metric to plot", flag_values=fv)
+    return fv
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # absl wraps config errors as "flag --config=...: <reason>"; keep the reason.
+    return lines[-1] if lines and len(lines[-1]) > 20 else " ".join(lines)
+
+
+def _parse(argv):
+    from absl import flags
+
+    fv = _flags()
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise UsageError(_one_line(e)) from None
+    except Exception as e:  # errors raised while loading the config file
+        raise UsageError(_one_line(e)) from None
+    return fv, rest[1:]
+
+
+def _require(fv, *names):
+    for name in names:
+        if fv[name].value in (None, ""):
+            raise UsageError(f"--{name} is required")
+
+
+def cmd_train(fv, rest):
+    from bn_research import config_lib, data, rundir, train
+
+    _require(fv, "config", "workdir")
+    if rest:
+        raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    config = fv.config
+    try:
+        summary = train.train_and_evaluate(config, fv.workdir, overwrite=fv.overwrite)
+    except (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError) as e:
+        raise UsageError(str(e)) from None
+    final = summary.get("final", {})
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items()) if k.startswith("eval/"))
+    print(f"{summary['status']} at step {summary['step']} in {summary['wall_time_s']:.1f}s"
+          f" ({summary.get('steps_per_s') or 0:.0f} steps/s){': ' + shown if shown else ''}")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _sweep_points(specs):
+    axes = []
+    for spec in specs:
+        if "=" not in spec:
+            raise UsageError(f"--sweep '{spec}' is not key=v1,v2,... (e.g. model.norm=batch,none)")
+        key, values = spec.split("=", 1)
+        axes.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def cmd_sweep(fv, rest):
+    import copy
+
+    from bn_research import config_lib, data, rundir, train
+
+    _require(fv, "config", "workdir")
+    points = _sweep_points(fv.sweep)
+    if not points:
+        raise UsageError("--sweep is required: e.g. --sweep model.norm=batch,none")
+    configs = []
+    for point in points:
+        config = copy.deepcopy(fv.config)
+        config.unlock()
+        try:
+            config_lib.apply_arg(config, ",".join(f"{k}={v}" for k, v in point.items()), {})
+            config_lib.validate(config)
+        except config_lib.ConfigError as e:
+            raise UsageError(str(e)) from None
+        config.lock()
+        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        configs.append((name, config))
+    failed = 0
+    for name, config in configs:
+        workdir = os.path.join(fv.workdir, name)
+        print(f"== {name} -> {workdir}", flush=True)
+        try:
+            summary = train.train_and_evaluate(config, workdir, overwrite=fv.overwrite)
+        except (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError) as e:
+            print(f"bn-research: {name}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"   {summary['status']} at step {summary['step']}", flush=True)
+    return 0 if not failed else 1
+
+
+def cmd_compare(fv, rest):
+    from bn_research import runs
+
+    if not rest:
+        raise UsageError("compare needs at least one run directory")
+    try:
+        table = runs.compare(rest)
+    except runs.RunError as e:
+        raise UsageError(str(e)) from None
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", 50, "display.width", 200):
+        print(table.to_string())
+    if fv.plot:
+        from bn_research import plots
+
+        plots.compare_figure(rest, fv.metric).savefig(fv.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {fv.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if len(argv) >= 2 else 2
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"bn-research: error: unknown command '{command}'; choose one of: "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        fv, rest = _parse([argv[0]] + argv[2:])
+        return {"train": cmd_train, "compare": cmd_compare, "sweep": cmd_sweep}[command](fv, rest)
+    except UsageError as e:
+        print(f"bn-research: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run():
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Shared config defaults and validation for the files in `configs/`.
+
+A config file's `get_config(arg)` starts from `base_config()`, sets its family's values,
+and applies the `key=value,...` argument with `apply_arg`. `validate(config)` checks
+names and values before any work starts and raises `ConfigError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from bn_research import norms, probes
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the problem and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model init, data order and noise all derive from it
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "mnist_digits"  # embedded: mnist_digits | mnist1d | gaussian_regression; or a tfds name
+    c.dataset.data_dir = ""  # tfds data dir; '' = $BN_RESEARCH_DATA_DIR or ~/.cache/bn_research/tensorflow_datasets
+    c.dataset.dim_in = 100  # gaussian_regression: input dimension
+    c.dataset.dim_out = 10  # gaussian_regression: output dimension
+    c.dataset.num_train = 4096  # gaussian_regression: training examples
+    c.dataset.num_test = 1024  # gaussian_regression: test examples
+    c.dataset.noise_std = 0.1  # gaussian_regression: label noise
+    c.dataset.seed = 0  # gaussian_regression: teacher and sample seed
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # mlp | cnn | deep_linear
+    c.model.depth = 3  # hidden layers (mlp, deep_linear) or conv layers (cnn)
+    c.model.width = 100  # units per hidden layer (mlp) or first-stage channels (cnn)
+    c.model.activation = "sigmoid"  # sigmoid | tanh | relu | linear
+    c.model.norm = "batch"  # none | batch | noisy_batch | weight | layer | group
+    c.model.residual = False  # mlp: h <- h + f(h) for hidden layers after the first
+    c.model.init_scale = 1.0  # weight init std = init_scale / sqrt(fan_in)
+
+    c.norm = norms.default_config()
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | momentum | nesterov | adam | adamw
+    c.optimizer.learning_rate = 0.1  # peak learning rate
+    c.optimizer.momentum = 0.9  # momentum / nesterov only
+    c.optimizer.weight_decay = 0.0  # adamw decoupled decay; sgd-family: L2 added to the gradient
+    c.optimizer.schedule = "constant"  # constant | cosine | warmup_cosine | step
+    c.optimizer.warmup_steps = 0  # warmup_cosine: linear warmup length
+    c.optimizer.decay_factor = 0.1  # step: multiply the rate by this ...
+    c.optimizer.decay_every = 0  # step: ... every this many steps (0 = never)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 60  # examples per step
+    c.train.num_steps = 1000  # total training steps
+    c.train.eval_every = 500  # evaluate on the test split every this many steps (and at the end)
+    c.train.log_every = 100  # write train metrics every this many steps (and at the end)
+    c.train.steps_per_dispatch = 0  # steps per compiled chunk; 0 = gcd(log_every, eval_every)
+    c.train.eval_batch_size = 1000  # evaluation batch
+    c.train.max_loss = 1e6  # a training loss above this (or non-finite) marks the run diverged
+
+    c.probes = probes.default_config()
+    return c
+
+
+def _coerce(old, text: str, key: str):
+    if isinstance(old, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config arg {key}={text}: expected true or false")
+    for typ in (int, float):
+        if isinstance(old, typ):
+            try:
+                return typ(text)
+            except ValueError:
+                raise ConfigError(
+                    f"config arg {key}={text}: expected {typ.__name__}"
+                ) from None
+    return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None, aliases: dict[str, str]):
+    """Apply a `key=value,...` config-file argument; `aliases` maps short keys
+    (`norm`) to dotted paths (`model.norm`). Unknown keys raise ConfigError."""
+    if not arg:
+        return config
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ConfigError(f"config arg '{item}' is not key=value (e.g. norm=batch)")
+        key, value = (s.strip() for s in item.split("=", 1))
+        path = aliases.get(key, key)
+        parent, _, leaf = path.rpartition(".")
+        node = config
+        try:
+            for part in filter(None, parent.split(".")):
+                node = node[part]
+            old = node[leaf]
+        except (KeyError, AttributeError):
+            choices = sorted(aliases) + sorted(_leaf_paths(config))
+            hint = difflib.get_close_matches(key, choices, n=1)
+            raise ConfigError(
+                f"unknown config arg '{key}'"
+                + (f"; did you mean '{hint[0]}'?" if hint else f"; short keys: {', '.join(aliases)}")
+            ) from None
+        node[leaf] = _coerce(old, value, key)
+    return config
+
+
+def _leaf_paths(config, prefix=""):
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def validate(config) -> None:
+    """Names and values, checked before any work; raises ConfigError (one line)."""
+    from bn_research import data, models
+
+    try:
+        norms.get(config.model.norm)
+        models.get(config.model.name)
+        models.get_activation(config.model.activation)
+        data.check_name(config.dataset.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t, o = config.train, config.optimizer
+    checks = [
+        (o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}"),
+        (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
+        (t.num_steps > 0, f"train.num_steps must be > 0, got {t.num_steps}"),
+        (t.eval_every > 0, f"train.eval_every must be > 0, got {t.eval_every}"),
+        (t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}"),
+        (t.steps_per_dispatch >= 0, "train.steps_per_dispatch must be >= 0"),
+        (config.model.depth >= 1, f"model.depth must be >= 1, got {config.model.depth}"),
+        (config.model.width >= 1, f"model.width must be >= 1, got {config.model.width}"),
+        (0.0 <= config.norm.momentum < 1.0, "norm.momentum must be in [0, 1)"),
+        (config.norm.epsilon >= 0, "norm.epsilon must be >= 0"),
+        (config.norm.placement in ("before", "after"),
+         f"norm.placement must be 'before' or 'after', not '{config.norm.placement}'"),
+        (config.norm.virtual_batch_size >= 0, "norm.virtual_batch_size must be >= 0"),
+        (not config.norm.virtual_batch_size or t.batch_size % config.norm.virtual_batch_size == 0,
+         f"train.batch_size={t.batch_size} is not a multiple of "
+         f"norm.virtual_batch_size={config.norm.virtual_batch_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    from bn_research import optim
+
+    try:
+        optim.check(config.optimizer)
+        probes.validate(config.probes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

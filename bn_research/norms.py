@@ -1,0 +1,355 @@
+"""Normalization variants, selected by `config.model.norm`.
+
+Every variant is a pair (linear kind, normalizer) described by a `NormSpec` in the plain
+dict registry `NORMS`; `get(name)` returns it or raises a clear error listing the
+choices. Normalizers are NNX modules called as `norm(x, train=..., rng=...)` on a
+feature-last array (`[B, F]` or NHWC `[B, H, W, C]`); their trainable parameters are
+`nnx.Param`, their running statistics `nnx.BatchStat`, nothing else.
+
+Options live under `config.norm` (see `default_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults for `config.norm`; every option of every variant."""
+    c = ml_collections.ConfigDict()
+    c.momentum = 0.99  # running-statistics decay: ra <- m * ra + (1 - m) * batch stat
+    c.epsilon = 1e-5  # added to the variance before the square root
+    c.affine = True  # learn gamma (scale) and beta (shift) after normalizing
+    c.placement = "before"  # 'before' the activation (Ioffe & Szegedy 2015) or 'after' it
+    c.virtual_batch_size = 0  # ghost batch norm: statistics over sub-batches of this size; 0 = whole batch
+    c.noise_mean = 0.5  # noisy_batch: shift m ~ U(-noise_mean, noise_mean)
+    c.noise_scale = 1.5  # noisy_batch: scale s ~ U(1, noise_scale)
+    c.noise_per_example = True  # noisy_batch: fresh (s, m) per example and unit (else per unit)
+    c.num_groups = 4  # group norm: channel groups (must divide every layer's width)
+    c.wn_data_init = True  # weight: data-dependent init of g and b (Salimans & Kingma 2016, sec. 3)
+    c.wn_mean_only_bn = False  # weight: add mean-only batch norm (Salimans & Kingma 2016, sec. 4)
+    return c
+
+
+# --------------------------------------------------------------------------------------
+# Normalizers
+
+
+def _reduce_axes(x: jax.Array) -> tuple[int, ...]:
+    """All axes but the last (feature) one: batch and, for NHWC, spatial."""
+    return tuple(range(x.ndim - 1))
+
+
+class Identity(nnx.Module):
+    """No normalization."""
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del num_features, cfg, rngs
+
+    def __call__(self, x, *, train: bool, rng=None):
+        return x
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization (Ioffe & Szegedy 2015, Alg. 1 and 2).
+
+    Training: x_hat = (x - mu_B) / sqrt(var_B + eps), y = gamma * x_hat + beta, with the
+    biased batch variance over every axis but the feature axis. With a virtual batch size
+    v > 0 ("ghost" batch norm, Hoffer et al. 2017) the batch is cut into B / v groups that
+    are normalized by their own statistics. Running statistics move towards the mean of the
+    groups' statistics; evaluation normalizes by them (Alg. 2, with the biased variance).
+    """
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del rngs
+        self.momentum = float(cfg.momentum)
+        self.epsilon = float(cfg.epsilon)
+        self.virtual_batch_size = int(cfg.virtual_batch_size)
+        self.affine = bool(cfg.affine)
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        if self.affine:
+            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def _normalize_train(self, x):
+        v = self.virtual_batch_size
+        b = x.shape[0]
+        if v and v < b:
+            if b % v:
+                raise ValueError(
+                    f"batch size {b} is not a multiple of norm.virtual_batch_size={v}"
+                )
+            g = x.reshape((b // v, v) + x.shape[1:])
+            axes = tuple(range(1, g.ndim - 1))
+            mean = g.mean(axes, keepdims=True)
+            var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
+            y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            flat = (-1, x.shape[-1])
+            return y, mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
+        axes = _reduce_axes(x)
+        mean = x.mean(axes)
+        var = jnp.mean(jnp.square(x - mean), axes)
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon), mean, var
+
+    def __call__(self, x, *, train: bool, rng=None):
+        if train:
+            y, mean, var = self._normalize_train(x)
+            m = self.momentum
+            self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+            self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+        else:
+            y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
+        if self.affine:
+            y = y * self.scale.value + self.bias.value
+        return y
+
+
+class NoisyBatchNorm(BatchNorm):
+    """Batch norm followed by non-stationary noise (Santurkar et al. 2018, sec. 2.1).
+
+    After batch norm, each activation is perturbed as y' = s * y + m, where the scale
+    s ~ U(1, noise_scale) and shift m ~ U(-noise_mean, noise_mean) are drawn afresh at
+    every training step (and, with `noise_per_example`, for every example), so the
+    layer's output distribution has non-zero mean and non-unit variance that change
+    from step to step. Evaluation uses plain batch norm with running statistics.
+    """
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        super().__init__(num_features, cfg, rngs=rngs)
+        self.noise_mean = float(cfg.noise_mean)
+        self.noise_scale = float(cfg.noise_scale)
+        self.per_example = bool(cfg.noise_per_example)
+
+    def __call__(self, x, *, train: bool, rng=None):
+        y = super().__call__(x, train=train)
+        if not train:
+            return y
+        if rng is None:
+            raise ValueError("noisy_batch needs a per-step rng key in training mode")
+        shape = x.shape if self.per_example else x.shape[-1:]
+        k_scale, k_shift = jax.random.split(rng)
+        s = jax.random.uniform(k_scale, shape, minval=1.0, maxval=self.noise_scale)
+        m = jax.random.uniform(k_shift, shape, minval=-self.noise_mean, maxval=self.noise_mean)
+        return y * s + m
+
+
+class MeanOnlyBatchNorm(nnx.Module):
+    """Mean-only batch norm (Salimans & Kingma 2016, sec. 4): y = x - mu_B (+ beta).
+
+    Used after a weight-normalized layer; the running mean replaces mu_B at evaluation.
+    """
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del rngs
+        self.momentum = float(cfg.momentum)
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x, *, train: bool, rng=None):
+        if train:
+            mean = x.mean(_reduce_axes(x))
+            m = self.momentum
+            self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+        else:
+            mean = self.mean.value
+        return x - mean + self.bias.value
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalization (Ba et al. 2016): statistics over all non-batch axes, per example."""
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del rngs
+        self.epsilon = float(cfg.epsilon)
+        self.affine = bool(cfg.affine)
+        if self.affine:
+            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x, *, train: bool, rng=None):
+        axes = tuple(range(1, x.ndim))
+        mean = x.mean(axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            y = y * self.scale.value + self.bias.value
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """Group normalization (Wu & He 2018): per example, over spatial axes and a group of
+    `num_groups`-th of the channels."""
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del rngs
+        self.groups = int(cfg.num_groups)
+        if self.groups < 1 or num_features % self.groups:
+            raise ValueError(
+                f"norm.num_groups={self.groups} does not divide a layer width of "
+                f"{num_features}; pick a divisor of every layer width"
+            )
+        self.epsilon = float(cfg.epsilon)
+        self.affine = bool(cfg.affine)
+        if self.affine:
+            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x, *, train: bool, rng=None):
+        c = x.shape[-1]
+        g = x.reshape(x.shape[:-1] + (self.groups, c // self.groups))
+        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+        mean = g.mean(axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        if self.affine:
+            y = y * self.scale.value + self.bias.value
+        return y
+
+
+# --------------------------------------------------------------------------------------
+# Linear maps: plain, or weight-normalized (length-direction decoupling)
+
+
+class Dense(nnx.Module):
+    """y = x W (+ b); LeCun-normal init scaled by `init_scale`."""
+
+    def __init__(self, fan_in, fan_out, *, use_bias, init_scale=1.0, rngs: nnx.Rngs):
+        w = jax.random.normal(rngs.params(), (fan_in, fan_out), jnp.float32)
+        self.kernel = nnx.Param(w * (init_scale / jnp.sqrt(fan_in)))
+        self.use_bias = use_bias
+        if use_bias:
+            self.bias = nnx.Param(jnp.zeros((fan_out,), jnp.float32))
+
+    def weight(self):
+        return self.kernel.value
+
+    def __call__(self, x):
+        y = x @ self.weight()
+        return y + self.bias.value if self.use_bias else y
+
+
+class Conv(Dense):
+    """3x3 (or k x k) 'SAME' NHWC convolution; kernel HWIO."""
+
+    def __init__(self, fan_in, fan_out, *, use_bias, kernel_size=3, init_scale=1.0, rngs):
+        shape = (kernel_size, kernel_size, fan_in, fan_out)
+        w = jax.random.normal(rngs.params(), shape, jnp.float32)
+        self.kernel = nnx.Param(w * (init_scale / jnp.sqrt(fan_in * kernel_size**2)))
+        self.use_bias = use_bias
+        if use_bias:
+            self.bias = nnx.Param(jnp.zeros((fan_out,), jnp.float32))
+
+    def __call__(self, x):
+        y = jax.lax.conv_general_dilated(
+            x, self.weight(), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + self.bias.value if self.use_bias else y
+
+
+def _wn_weight(v, g):
+    # Salimans & Kingma 2016, eq. 2: w = g * v / ||v||, one norm per output unit.
+    axes = tuple(range(v.ndim - 1))
+    return v * (g * jax.lax.rsqrt(jnp.sum(jnp.square(v), axes)))
+
+
+class WNDense(Dense):
+    """Weight-normalized dense layer: w = g * v / ||v|| (Salimans & Kingma 2016, eq. 2).
+
+    `kernel` holds the direction parameter v, `g` the length; the effective weight is
+    `weight()`. `data_init(x)` does the data-dependent initialization of sec. 3.
+    """
+
+    def __init__(self, fan_in, fan_out, *, use_bias, init_scale=1.0, rngs: nnx.Rngs):
+        super().__init__(fan_in, fan_out, use_bias=use_bias, init_scale=init_scale, rngs=rngs)
+        v = self.kernel.value
+        self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), 0)))  # start at w = v
+
+    def weight(self):
+        return _wn_weight(self.kernel.value, self.g.value)
+
+
+class WNConv(Conv):
+    """Weight-normalized convolution, one length per output channel."""
+
+    def __init__(self, fan_in, fan_out, *, use_bias, kernel_size=3, init_scale=1.0, rngs):
+        super().__init__(
+            fan_in, fan_out, use_bias=use_bias, kernel_size=kernel_size,
+            init_scale=init_scale, rngs=rngs,
+        )
+        v = self.kernel.value
+        self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), (0, 1, 2))))
+
+    def weight(self):
+        return _wn_weight(self.kernel.value, self.g.value)
+
+
+def wn_data_init(linear, x, epsilon=1e-5):
+    """Salimans & Kingma 2016, sec. 3: pick g, b so that the pre-activations
+    t = x v/||v|| on this batch become (t - mu[t]) / sigma[t]. Mutates `linear`."""
+    linear.g.value = jnp.ones_like(linear.g.value)
+    use_bias = linear.use_bias
+    linear.use_bias = False
+    t = linear(x)
+    linear.use_bias = use_bias
+    axes = _reduce_axes(t)
+    mu, sigma = t.mean(axes), jnp.sqrt(t.var(axes) + epsilon)
+    linear.g.value = 1.0 / sigma
+    if use_bias:
+        linear.bias.value = -mu / sigma
+    return (t - mu) / sigma
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """How a variant builds a layer: which linear map, whether it carries a bias (a bias
+    before an affine normalizer is redundant), and the normalizer after it."""
+
+    weight_norm: bool
+    linear_bias: bool
+    make: Callable[..., nnx.Module]
+    doc: str
+
+
+def _weight_norm_make(num_features, cfg, *, rngs):
+    if cfg.wn_mean_only_bn:
+        return MeanOnlyBatchNorm(num_features, cfg, rngs=rngs)
+    return Identity(num_features, cfg, rngs=rngs)
+
+
+NORMS: dict[str, NormSpec] = {
+    "none": NormSpec(False, True, Identity, "no normalization"),
+    "batch": NormSpec(False, False, BatchNorm, "batch norm (Ioffe & Szegedy 2015)"),
+    "noisy_batch": NormSpec(
+        False, False, NoisyBatchNorm, "batch norm + non-stationary noise (Santurkar et al. 2018)"
+    ),
+    "weight": NormSpec(True, True, _weight_norm_make, "weight norm (Salimans & Kingma 2016)"),
+    "layer": NormSpec(False, False, LayerNorm, "layer norm (Ba et al. 2016)"),
+    "group": NormSpec(False, False, GroupNorm, "group norm (Wu & He 2018)"),
+}
+
+
+def get(name: str) -> NormSpec:
+    """The registered variant `name`, or a ValueError naming the choices."""
+    if name not in NORMS:
+        raise ValueError(f"unknown norm '{name}'; choose one of: {', '.join(NORMS)}")
+    return NORMS[name]
+
+
+def make_linear(kind: str, fan_in: int, fan_out: int, spec: NormSpec, cfg, *, rngs, **kw):
+    """The linear map of one layer: `kind` is 'dense' or 'conv'."""
+    weight_norm = spec.weight_norm
+    use_bias = spec.linear_bias and not (weight_norm and cfg.wn_mean_only_bn)
+    cls = {("dense", False): Dense, ("dense", True): WNDense,
+           ("conv", False): Conv, ("conv", True): WNConv}[(kind, weight_norm)]
+    return cls(fan_in, fan_out, use_bias=use_bias, rngs=rngs, **kw)

@@ -1,0 +1,163 @@
+"""The functional core: pure train / eval steps and the K-steps-per-dispatch scan.
+
+All mutable training state lives in one pytree, `TrainState`:
+
+    {"params": nnx.State, "batch_stats": nnx.State, "opt_state": optax state,
+     "step": int32[], "rng": key}
+
+The model is split once (`nnx.split(model, nnx.Param, nnx.BatchStat)`); every function
+here takes the static `graphdef` by closure and merges inside the traced function, so the
+loop never uses `nnx.jit`. Batches are drawn inside jit from the device-resident dataset
+by an on-device permutation per epoch; per-step keys come from `jax.random.fold_in`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]
+
+# Stream tags folded into the seed key so that data order and noise never share keys.
+DATA_STREAM, NOISE_STREAM = 1, 2
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    """Split `model` and build the initial TrainState; returns (graphdef, state)."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+    return graphdef, state
+
+
+def forward(graphdef, params, batch_stats, x, *, train: bool, rng=None):
+    """Model output, per-layer aux and the updated batch statistics."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    out, aux = model(x, train=train, rng=rng)
+    return out, aux, nnx.state(model, nnx.BatchStat)
+
+
+def loss_and_metrics(task: str, out, y):
+    """Mean loss over the batch and per-batch metrics.
+
+    classification: softmax cross-entropy (and accuracy); regression: 0.5 * squared error
+    summed over outputs, averaged over examples.
+    """
+    if task == "classification":
+        loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+        acc = jnp.mean(jnp.argmax(out, -1) == y)
+        return loss, {"loss": loss, "accuracy": acc}
+    loss = 0.5 * jnp.sum(jnp.square(out - y), -1).mean()
+    return loss, {"loss": loss}
+
+
+def get_batch(data, step, key, batch_size: int):
+    """Batch number `step` of an epoch-wise shuffled pass over `data` (drop remainder).
+
+    Epoch e uses the permutation drawn from fold_in(key, e); everything runs on device.
+    """
+    n = data["x"].shape[0]
+    steps_per_epoch = n // batch_size
+    epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    idx = jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
+    return {"x": data["x"][idx], "y": data["y"][idx]}
+
+
+def step_keys(state):
+    """(data key, per-step noise key) for the state's current step."""
+    root = jax.random.wrap_key_data(state["rng"])
+    data_key = jax.random.fold_in(root, DATA_STREAM)
+    noise_key = jax.random.fold_in(jax.random.fold_in(root, NOISE_STREAM), state["step"])
+    return data_key, noise_key
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """Pure functions of one run, closed over its static graphdef and config."""
+
+    train_step: Callable  # (state, data) -> (state, metrics); one step
+    train_chunk: Callable  # (state, data, num_steps static) -> (state, metrics [K])
+    evaluate: Callable  # (params, batch_stats, data) -> metrics
+
+
+def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: int,
+                  probe_fn: Callable | None = None) -> StepFns:
+    """Build the pure step functions (not yet jitted).
+
+    `probe_fn(ctx) -> dict` may add measurements to every step's metrics; `ctx` carries
+    the state before the step, the batch, the gradients, the aux and the updates.
+    """
+
+    def loss_fn(params, batch_stats, batch, rng):
+        out, aux, new_stats = forward(graphdef, params, batch_stats, batch["x"], train=True,
+                                      rng=rng)
+        loss, metrics = loss_and_metrics(task, out, batch["y"])
+        return loss, (new_stats, metrics, aux)
+
+    def train_step(state, data):
+        data_key, noise_key = step_keys(state)
+        batch = get_batch(data, state["step"], data_key, batch_size)
+        grads, (new_stats, metrics, aux) = jax.grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, noise_key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        if probe_fn is not None:
+            ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,
+                   "updates": updates, "noise_key": noise_key, "loss_fn": loss_fn}
+            metrics.update(probe_fn(ctx))
+        new_state = dict(state, params=params, batch_stats=new_stats, opt_state=opt_state,
+                         step=state["step"] + 1)
+        return new_state, metrics
+
+    def train_chunk(state, data, num_steps: int):
+        def body(carry, _):
+            return train_step(carry, data)
+
+        return jax.lax.scan(body, state, None, length=num_steps)
+
+    def evaluate(params, batch_stats, data):
+        n = data["x"].shape[0]
+        eb = min(eval_batch_size, n)
+        nb = -(-n // eb)
+        pad = nb * eb - n
+        xs = jnp.concatenate([data["x"], data["x"][:pad]]).reshape((nb, eb) + data["x"].shape[1:])
+        ys = jnp.concatenate([data["y"], data["y"][:pad]]).reshape((nb, eb) + data["y"].shape[1:])
+        mask = (jnp.arange(nb * eb) < n).reshape(nb, eb)
+
+        def one(args):
+            x, y, m = args
+            out, _, _ = forward(graphdef, params, batch_stats, x, train=False)
+            if task == "classification":
+                losses = optax.softmax_cross_entropy_with_integer_labels(out, y)
+                correct = (jnp.argmax(out, -1) == y).astype(jnp.float32)
+                return jnp.sum(losses * m), jnp.sum(correct * m)
+            losses = 0.5 * jnp.sum(jnp.square(out - y), -1)
+            return jnp.sum(losses * m), jnp.zeros(())
+
+        loss_sum, correct_sum = jax.lax.map(one, (xs, ys, mask))
+        metrics = {"loss": loss_sum.sum() / n}
+        if task == "classification":
+            metrics["accuracy"] = correct_sum.sum() / n
+        return metrics
+
+    return StepFns(train_step=train_step, train_chunk=train_chunk, evaluate=evaluate)
+
+
+def jit_fns(fns: StepFns):
+    """Jitted versions: the chunk donates the incoming state (argument 0)."""
+    chunk = jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0)
+    return chunk, jax.jit(fns.evaluate)
