@@ -8,6 +8,7 @@ and exit with code 2 before any work starts.
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import sys
 
@@ -45,7 +46,8 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # absl wraps config errors as "flag --config=...: <reason>"; keep the reason.
-    return lines[-1] if lines and len(lines[-1]) > 20 else " ".join(lines)
+    line = lines[-1] if lines and len(lines[-1]) > 20 else " ".join(lines)
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
 
 
 def _parse(argv):
@@ -58,7 +60,24 @@ def _parse(argv):
         raise UsageError(_one_line(e)) from None
     except Exception as e:  # errors raised while loading the config file
         raise UsageError(_one_line(e)) from None
+    if fv["config"].present:
+        try:
+            fv.config.keys()  # config_flags defers a load failure to first use: surface it now
+        except OSError as e:
+            reason = _one_line(e).split("] ")[-1]
+            raise UsageError(f"cannot load config file {_config_path(argv)}: {reason}") from None
+        except Exception as e:
+            raise UsageError(_one_line(e)) from None
     return fv, rest[1:]
+
+
+def _config_path(argv) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
 
 
 def _require(fv, *names):

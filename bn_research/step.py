@@ -24,6 +24,9 @@ from flax import nnx
 
 TrainState = dict[str, Any]
 
+# Per-step metrics every run returns; probes add namespaced keys ("ics/dense_0/...").
+BASE_METRICS = ("loss", "accuracy", "grad_norm")
+
 # Stream tags folded into the seed key so that data order and noise never share keys.
 DATA_STREAM, NOISE_STREAM = 1, 2
 
@@ -37,6 +40,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(seed)),
+        "probes": {},
     }
     return graphdef, state
 
@@ -96,8 +100,10 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
                   probe_fn: Callable | None = None) -> StepFns:
     """Build the pure step functions (not yet jitted).
 
-    `probe_fn(ctx) -> dict` may add measurements to every step's metrics; `ctx` carries
-    the state before the step, the batch, the gradients, the aux and the updates.
+    `probe_fn(ctx) -> (metrics, probe_state)` may add measurements to every step's
+    metrics and carry its own state in `state["probes"]`; `ctx` holds the state before
+    the step, the batch, the gradients, the aux, the updates, the new params and stats,
+    the step's noise key and `loss_fn(params, batch_stats, batch, rng)`.
     """
 
     def loss_fn(params, batch_stats, batch, rng):
@@ -115,12 +121,14 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        if probe_fn is not None:
-            ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,
-                   "updates": updates, "noise_key": noise_key, "loss_fn": loss_fn}
-            metrics.update(probe_fn(ctx))
         new_state = dict(state, params=params, batch_stats=new_stats, opt_state=opt_state,
                          step=state["step"] + 1)
+        if probe_fn is not None:
+            ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,
+                   "updates": updates, "params": params, "batch_stats": new_stats,
+                   "noise_key": noise_key, "loss_fn": loss_fn}
+            probe_metrics, new_state["probes"] = probe_fn(ctx)
+            metrics.update(probe_metrics)
         return new_state, metrics
 
     def train_chunk(state, data, num_steps: int):

@@ -50,6 +50,8 @@ def setup(config, dataset=None):
     tx = optim.make(config.optimizer, config.train.num_steps)
     graphdef, state = step.init_state(model, tx, config.seed)
     probe_fn = probes.make_probe_fn(config, graphdef, ds.task)
+    if probe_fn is not None:
+        state["probes"] = probes.init_state(config, graphdef, state, ds)
     fns = step.make_step_fns(
         graphdef, tx, task=ds.task, batch_size=config.train.batch_size,
         eval_batch_size=config.train.eval_batch_size, probe_fn=probe_fn,
@@ -79,6 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
     s = setup(config, dataset)
     rundir.prepare(workdir, config_dict, overwrite=overwrite)
     writer = rundir.MetricsWriter(workdir)
+    recorder = probes.Recorder(config, workdir, s["model"].layer_names())
     chunk_fn, eval_fn = step.jit_fns(s["fns"])
     t = config.train
     num_steps, k = int(t.num_steps), chunk_length(config)
@@ -107,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
             summary.update(status="diverged", step=first, diverged_at=first,
                            final=dict(last, **row))
             return False
-        window.append(host)
+        window.append({key: v for key, v in host.items() if key in step.BASE_METRICS})
         scalars = {}
         if end % t.log_every == 0 or end == num_steps:
             scalars.update(_window_means(window))
@@ -115,9 +118,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         if eval_metrics is not None:
             scalars.update({f"eval/{key}": float(v)
                             for key, v in jax.device_get(eval_metrics).items()})
-        if scalars:
-            writer.write(end, scalars)
-            last.update(scalars)
+        rows = recorder.record(end, host)  # {step: {"ics/dense_0/...": value}}
+        rows.setdefault(end, {}).update(scalars)
+        for row_step in sorted(rows):
+            if rows[row_step]:
+                writer.write(row_step, rows[row_step])
+                last.update(rows[row_step])
         bar.update(end - done)
         if "train/loss" in scalars:
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
@@ -150,6 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
     finally:
         bar.close()
         writer.close()
+        recorder.close()
         wall = time.time() - t0
         summary["wall_time_s"] = wall
         if t_first is not None and done > t_first[1]:
