@@ -8,8 +8,8 @@ and exit with code 2 before any work starts.
 from __future__ import annotations
 
 import itertools
-import re
 import os
+import re
 import sys
 
 USAGE = """usage:

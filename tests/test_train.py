@@ -72,7 +72,7 @@ def test_chunked_scan_matches_single_steps(tmp_path):
         state_b, m = one(state_b, s["data"]["train"])
         losses.append(m["loss"])
     np.testing.assert_allclose(metrics["loss"], np.array(losses), rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b)):
+    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
