@@ -159,3 +159,20 @@ def validate(config) -> None:
         probes.validate(config.probes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def from_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config path:arg` would load it
+    (for notebooks and scripts)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"bn_research_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.lock()
+    return config
