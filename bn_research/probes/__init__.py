@@ -1,46 +1,165 @@
 """Probes: measurements computed inside the jitted training step.
 
-Each probe is configured under `config.probes.<name>` with `enabled` and `every`.
+Each probe is a module with `default_config()`, `init(config, ctx) -> state` and
+`measure(config, info, ctx, state) -> ({"scalars": {key: []}, "units": {key: [U]}}, state)`,
+switched on and given a cadence under `config.probes.<name>` (`enabled`, `every`; every=0
+means `train.log_every`). The step calls the probe function built by `make_probe_fn` once
+per step; each enabled probe runs under `lax.cond` at its cadence steps (the first step and
+every step whose row number is a multiple of `every`) and emits zeros otherwise, plus a
+validity flag. Per-step outputs land in the metrics dict as
+
+    probes/<name>/valid           bool, True at the probe's cadence steps
+    probes/<name>/scalars/<key>   []    -> metrics.jsonl key <key> (e.g. ics/dense_0/grad_diff)
+    probes/<name>/units/<key>     [U]   -> layer_stats/ (per-unit arrays)
+
+and the host side `Recorder` turns the valid rows of each fetched chunk into metrics rows
+and per-layer store chunks. Probe state (initial and previous statistics, the fixed probe
+batch) lives in `TrainState["probes"][<name>]`, on device, checkpointed with the rest.
+See docs/probes.md for every statistic, its formula and its paper.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import ml_collections
+import numpy as np
+
+from bn_research.probes import common, drift, growth, ics, landscape, store, weights
+
+# name -> module; order is the order of evaluation inside the step.
+PROBES = {"drift": drift, "growth": growth, "weights": weights, "ics": ics, "landscape": landscape}
+
+
+def get(name: str):
+    if name not in PROBES:
+        raise ValueError(f"unknown probe '{name}'; choose one of: {', '.join(PROBES)}")
+    return PROBES[name]
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    for name, mod in PROBES.items():
+        c[name] = mod.default_config()
     return c
 
 
 def validate(cfg) -> None:
     """Raise ValueError (one line) for impossible probe settings."""
-    del cfg
+    for name in cfg.keys():
+        get(name)
+        p = cfg[name]
+        if not isinstance(p.enabled, bool):
+            raise ValueError(f"probes.{name}.enabled must be true or false, got {p.enabled!r}")
+        if int(p.every) < 0:
+            raise ValueError(f"probes.{name}.every must be >= 0 (0 = train.log_every), got {p.every}")
+    if int(cfg.drift.probe_batch_size) < 0:
+        raise ValueError(f"probes.drift.probe_batch_size must be >= 0, got {cfg.drift.probe_batch_size}")
+    etas = list(cfg.landscape.step_sizes)
+    if not etas or any(float(e) <= 0 for e in etas):
+        raise ValueError(f"probes.landscape.step_sizes must be a non-empty list of positive floats, got {etas}")
+
+
+def enabled(config) -> dict[str, int]:
+    """{probe name: cadence in steps} of the enabled probes."""
+    out = {}
+    for name in PROBES:
+        p = config.probes[name]
+        if p.enabled:
+            out[name] = int(p.every) or int(config.train.log_every)
+    return out
 
 
 def make_probe_fn(config, graphdef, task):
     """The in-step probe function for `make_step_fns`, or None when no probe is enabled."""
-    del config, graphdef, task
-    return None
+    del task
+    cadence = enabled(config)
+    if not cadence:
+        return None
+    schedule = weights.make_schedule(config)
+
+    def probe_fn(ctx):
+        st = ctx["state"]
+        info = {"layer_names": common.layer_names(st["params"]), "graphdef": graphdef,
+                "schedule": schedule}
+        out, new_state = {}, {}
+        for name, every in cadence.items():
+            mod, pstate = PROBES[name], st["probes"][name]
+
+            def run(mod=mod, pstate=pstate):
+                return mod.measure(config, info, ctx, pstate)
+
+            if every == 1:
+                pred = np.bool_(True)
+                res, new_state[name] = run()
+            else:
+                pred = common.on_cadence(st["step"], every)
+                res, new_state[name] = common.maybe(pred, run, pstate)
+            out[f"probes/{name}/valid"] = pred
+            for kind in ("scalars", "units"):
+                for key, v in res[kind].items():
+                    out[f"probes/{name}/{kind}/{key}"] = v
+        return out, new_state
+
+    return probe_fn
 
 
 def init_state(config, graphdef, train_state, dataset):
     """Initial probe state (a pytree carried in `TrainState["probes"]`)."""
-    del config, graphdef, train_state, dataset
-    return {}
+    ctx = {"train_state": train_state, "graphdef": graphdef, "dataset": dataset,
+           "layer_names": common.layer_names(train_state["params"])}
+    return {name: PROBES[name].init(config, ctx) for name in enabled(config)}
+
+
+def _split_unit_key(key: str) -> tuple[str, str]:
+    """'ics/dense_0/train/act_in_mean' -> ('dense_0', 'ics/train/act_in_mean')."""
+    ns, layer, rest = key.split("/", 2)
+    return layer, f"{ns}/{rest}"
 
 
 class Recorder:
     """Host side: turns the per-step probe outputs of a chunk into metrics rows and
-    per-unit arrays in the run directory."""
+    per-unit arrays in the run directory (`layer_stats/`)."""
 
     def __init__(self, config, workdir, layer_names):
-        del config, workdir, layer_names
+        self.workdir = workdir
+        self.layer_names = list(layer_names)
+        self.cadence = enabled(config)
 
     def record(self, end_step: int, host_metrics: dict) -> dict:
-        """Rows {step: {key: value}} for metrics.jsonl from one fetched chunk."""
-        del end_step, host_metrics
-        return {}
+        """Rows {step: {key: value}} for metrics.jsonl from one fetched chunk; writes the
+        chunk's per-unit arrays, one store file per probe with any valid row."""
+        rows: dict[int, dict] = defaultdict(dict)
+        for name in self.cadence:
+            flag = host_metrics.get(f"probes/{name}/valid")
+            if flag is None:
+                continue
+            valid = np.atleast_1d(np.asarray(flag)).astype(bool)
+            k = valid.shape[0]
+            idx = np.nonzero(valid)[0]
+            if not len(idx):
+                continue
+            steps = [int(end_step - k + i + 1) for i in idx]
+            prefix = f"probes/{name}/"
+            arrays = {}
+            for key, v in host_metrics.items():
+                if not key.startswith(prefix) or key == prefix + "valid":
+                    continue
+                kind, out_key = key[len(prefix):].split("/", 1)
+                v = np.asarray(v)
+                if kind == "scalars":
+                    for s, i in zip(steps, idx, strict=True):
+                        rows[s][out_key] = float(v[i])
+                else:
+                    arrays[_split_unit_key(out_key)] = v[idx].reshape(len(idx), -1)
+            if arrays:
+                store.write_chunk(self.workdir, end_step, steps, arrays, tag=name)
+        return dict(rows)
 
     def close(self) -> None:
         pass
+
+
+def read_layer_stats(workdir):
+    """The per-unit arrays of a run as a long DataFrame (step, layer, stat, unit, value)."""
+    return store.read(workdir)

@@ -1,0 +1,114 @@
+"""Distribution drift: internal covariate shift as Ioffe & Szegedy (2015) defined it.
+
+For every hidden layer, per unit (for conv layers pooled over batch and space): the mean
+and variance of the normalization's input and of the nonlinearity's input, and the
+15th/50th/85th percentiles of the nonlinearity's input (their Fig. 1). Each is measured
+on the training batch of the step and on a fixed probe batch (drawn once at init,
+forward pass in training mode, running statistics left alone), so that drift caused by
+the parameters can be told apart from batch-to-batch sampling noise. Drift is the root
+mean square over units of the change since the previous cadence point (`_drift`) and
+since initialization (`_drift_init`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bn_research.probes import common
+
+PERCENTILES = (15.0, 50.0, 85.0)
+STATS = ("norm_in_mean", "norm_in_var", "act_in_mean", "act_in_var",
+         "act_in_p15", "act_in_p50", "act_in_p85")
+SOURCES = ("train", "probe")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = True  # cheap: statistics of activations the step already computes
+    c.every = 0  # cadence in steps; 0 = train.log_every
+    c.probe_batch = True  # also measure on the fixed probe batch (one extra forward pass)
+    c.probe_batch_size = 0  # examples in the fixed probe batch; 0 = train.batch_size
+    return c
+
+
+def unit_stats(norm_in, act_in) -> dict:
+    """Per-unit statistics of one layer; inputs [B, F] or [B, H, W, C] (feature last)."""
+    z = norm_in.reshape(-1, norm_in.shape[-1])
+    a = act_in.reshape(-1, act_in.shape[-1])
+    p15, p50, p85 = jnp.percentile(a, jnp.array(PERCENTILES), axis=0)
+    return {"norm_in_mean": z.mean(0), "norm_in_var": z.var(0),
+            "act_in_mean": a.mean(0), "act_in_var": a.var(0),
+            "act_in_p15": p15, "act_in_p50": p50, "act_in_p85": p85}
+
+
+def all_stats(aux, names) -> dict:
+    return {n: unit_stats(aux[n]["norm_in"], aux[n]["act_in"]) for n in names}
+
+
+def drift_outputs(src: str, cur: dict, prev: dict, init: dict):
+    """(scalars, per-unit arrays) of one source from current, previous-cadence and initial
+    per-unit statistics (dicts layer -> stat -> [units])."""
+    scalars, units = {}, {}
+    for layer, stats in cur.items():
+        for stat, v in stats.items():
+            key = f"ics/{layer}/{src}/{stat}"
+            scalars[key] = v.mean()
+            scalars[key + "_drift"] = common.rms(v - prev[layer][stat])
+            scalars[key + "_drift_init"] = common.rms(v - init[layer][stat])
+            units[key] = v
+    return scalars, units
+
+
+def init(config, ctx) -> dict:
+    """Probe state: the fixed probe batch, its noise key, and initial/previous statistics
+    of both sources (filled at the first step)."""
+    pc = config.probes.drift
+    train_state, graphdef, names = ctx["train_state"], ctx["graphdef"], ctx["layer_names"]
+    n = int(pc.probe_batch_size) or int(config.train.batch_size)
+    x_all = ctx["dataset"].train["x"]
+    n = min(n, x_all.shape[0])
+    idx = np.sort(np.random.default_rng(int(config.seed) + 7919).choice(x_all.shape[0], n, replace=False))
+    x = jnp.asarray(x_all[idx])
+    from bn_research import step
+
+    def stats_of(x):
+        _, aux, _ = step.forward(graphdef, train_state["params"], train_state["batch_stats"], x,
+                                 train=True, rng=jax.random.key(0))
+        return all_stats(aux, names)
+
+    shapes = jax.eval_shape(stats_of, x)
+
+    def zeros():  # distinct buffers: the state is donated to the jitted step
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    state = {"train": {"init": zeros(), "prev": zeros()}}
+    if pc.probe_batch:
+        state["probe"] = {"init": zeros(), "prev": zeros()}
+        state["x"] = x
+        state["key"] = jax.random.key_data(jax.random.key(int(config.seed) + 7919))
+    return state
+
+
+def measure(config, info, ctx, pstate):
+    """Outputs and new state at a cadence step."""
+    names = info["layer_names"]
+    first = ctx["state"]["step"] == 0
+    current = {"train": all_stats(ctx["aux"], names)}
+    if "probe" in pstate:
+        from bn_research import step
+
+        _, aux, _ = step.forward(info["graphdef"], ctx["state"]["params"], ctx["state"]["batch_stats"],
+                                 pstate["x"], train=True, rng=jax.random.wrap_key_data(pstate["key"]))
+        current["probe"] = all_stats(aux, names)
+    scalars, units, new = {}, {}, dict(pstate)
+    for src, cur in current.items():
+        init_v = jax.tree_util.tree_map(lambda i, c: jnp.where(first, c, i), pstate[src]["init"], cur)
+        prev_v = jax.tree_util.tree_map(lambda p, c: jnp.where(first, c, p), pstate[src]["prev"], cur)
+        s, u = drift_outputs(src, cur, prev_v, init_v)
+        scalars.update(s)
+        units.update(u)
+        new[src] = {"init": init_v, "prev": cur}
+    return {"scalars": scalars, "units": units}, new

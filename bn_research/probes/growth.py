@@ -1,0 +1,54 @@
+"""Gradient growth with depth (Yang et al. 2019, "A mean field theory of batch
+normalization"): per-layer gradient norms and the fitted per-layer growth rate.
+
+Yang et al. show that in a batch-normalized network at initialization the squared
+gradient norm of layer l grows geometrically towards the input, ||g_l||^2 ~ C lambda^(L-l).
+We fit log ||g_l||^2 = a + b l by least squares over the hidden layers l = 0..L-1 and
+report the slope b and the growth factor per layer towards the input, exp(-b).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from bn_research.probes import common
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = True  # cheap: norms of gradients the step already has
+    c.every = 0  # cadence in steps; 0 = train.log_every
+    return c
+
+
+def layer_grad_norms(grads, names):
+    """||dL/dW_l||_F of every hidden layer's kernel (v for weight-normalized layers)."""
+    return jnp.stack([common.norm(common.kernel(grads, n)) for n in names])
+
+
+def fit_slope(sq_norms):
+    """Least-squares slope of log(sq_norms[l]) against l (closed form, in jit)."""
+    y = jnp.log(sq_norms)
+    x = jnp.arange(y.shape[0], dtype=y.dtype)
+    xc = x - x.mean()
+    return jnp.sum(xc * (y - y.mean())) / jnp.maximum(jnp.sum(xc * xc), 1.0)
+
+
+def init(config, ctx):
+    del config
+    return {"init": jnp.zeros((len(ctx["layer_names"]),), jnp.float32)}
+
+
+def measure(config, info, ctx, pstate):
+    del config
+    names = info["layer_names"]
+    norms = layer_grad_norms(ctx["grads"], names)
+    init_norms = jnp.where(ctx["state"]["step"] == 0, norms, pstate["init"])
+    slope = fit_slope(jnp.square(norms))
+    scalars = {"grad/log_sq_norm_slope": slope, "grad/growth_factor": jnp.exp(-slope)}
+    for i, n in enumerate(names):
+        scalars[f"grad/{n}/norm"] = norms[i]
+        scalars[f"grad/{n}/norm_init"] = init_norms[i]
+        scalars[f"grad/{n}/norm_ratio_init"] = norms[i] / init_norms[i]
+    return {"scalars": scalars, "units": {}}, {"init": init_norms}

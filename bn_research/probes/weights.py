@@ -1,0 +1,93 @@
+"""Length and direction of the weights (Kohler et al. 2019, "Exponential convergence
+rates for batch normalization: the power of length-direction decoupling"; Salimans &
+Kingma 2016, weight normalization).
+
+Per hidden layer: the norm of the effective weight w (and of the direction parameter v
+for weight-normalized layers), the angle between the weight directions before and after
+the step, the effective step size eta / ||w||^2 of scale-invariant parameters (a kernel
+followed by batch/layer/group norm, or the WN direction v), and <dL/dw, w>, which is zero
+for a scale-invariant parameter: L(c w) = L(w) for all c > 0 implies d/dc L(c w) = 0 at c = 1.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from bn_research import optim
+from bn_research.probes import common
+
+# Normalizers after which the kernel is scale invariant: per unit (its column) or as a whole.
+PER_UNIT_INVARIANT = ("batch", "noisy_batch")
+WHOLE_INVARIANT = ("layer", "group")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = True  # cheap: a few norms and dot products per layer
+    c.every = 0  # cadence in steps; 0 = train.log_every
+    return c
+
+
+def invariance(config) -> str:
+    """'unit', 'layer' or '' : how the kernel (v for weight norm) is scale invariant."""
+    norm = config.model.norm
+    if norm == "weight":
+        return "unit"
+    if config.norm.placement != "before":
+        return ""
+    if norm in PER_UNIT_INVARIANT:
+        return "unit"
+    if norm in WHOLE_INVARIANT:
+        return "layer"
+    return ""
+
+
+def column_norms(w):
+    """Per output unit: the norm of its incoming weights (all axes but the last)."""
+    return jnp.sqrt(jnp.sum(jnp.square(w), tuple(range(w.ndim - 1))))
+
+
+def layer_outputs(name, p_before, p_after, grads, lr, kind: str):
+    """(scalars, per-unit arrays) of one layer."""
+    w = common.effective_weight(p_before, name)
+    v = common.kernel(p_before, name)  # the kernel, or the WN direction
+    g = common.kernel(grads, name)
+    w_next = common.effective_weight(p_after, name)
+    scalars = {
+        f"weights/{name}/w_norm": common.norm(w),
+        f"weights/{name}/angle": common.angle(w, w_next),
+        f"weights/{name}/grad_dot_w": jnp.vdot(g.ravel(), v.ravel()),
+        f"weights/{name}/grad_w_cos": common.cosine(g, v),
+    }
+    units = {f"weights/{name}/w_norm": column_norms(w)}
+    if common.is_weight_norm(p_before, name):
+        scalars[f"weights/{name}/v_norm"] = common.norm(v)
+        units[f"weights/{name}/v_norm"] = column_norms(v)
+    if kind == "unit":
+        eff = lr / jnp.square(column_norms(v))  # one scale-invariant vector per unit
+        scalars[f"weights/{name}/eff_lr"] = eff.mean()
+        units[f"weights/{name}/eff_lr"] = eff
+    elif kind == "layer":
+        scalars[f"weights/{name}/eff_lr"] = lr / jnp.sum(jnp.square(v))
+    return scalars, units
+
+
+def init(config, ctx):
+    del config, ctx
+    return {}
+
+
+def measure(config, info, ctx, pstate):
+    lr = info["schedule"](ctx["state"]["step"])
+    kind = invariance(config)
+    scalars, units = {}, {}
+    for name in info["layer_names"]:
+        s, u = layer_outputs(name, ctx["state"]["params"], ctx["params"], ctx["grads"], lr, kind)
+        scalars.update(s)
+        units.update(u)
+    return {"scalars": scalars, "units": units}, pstate
+
+
+def make_schedule(config):
+    return optim.schedule(config.optimizer, int(config.train.num_steps))
