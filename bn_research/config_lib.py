@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps_per_dispatch = 0  # steps per compiled chunk; 0 = gcd(log_every, eval_every)
     c.train.eval_batch_size = 1000  # evaluation batch
     c.train.max_loss = 1e6  # a training loss above this (or non-finite) marks the run diverged
+    c.train.checkpoint_every = 1000  # save a checkpoint every this many steps (and at the end); 0 = only at the end
+    c.train.keep_checkpoints = 3  # keep this many most recent checkpoints
 
     c.probes = probes.default_config()
     return c
@@ -138,6 +140,10 @@ def validate(config) -> None:
         (t.eval_every > 0, f"train.eval_every must be > 0, got {t.eval_every}"),
         (t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}"),
         (t.steps_per_dispatch >= 0, "train.steps_per_dispatch must be >= 0"),
+        (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.eval_batch_size > 0, f"train.eval_batch_size must be > 0, got {t.eval_batch_size}"),
+        (t.max_loss > 0, f"train.max_loss must be > 0, got {t.max_loss}"),
         (config.model.depth >= 1, f"model.depth must be >= 1, got {config.model.depth}"),
         (config.model.width >= 1, f"model.width must be >= 1, got {config.model.width}"),
         (0.0 <= config.norm.momentum < 1.0, "norm.momentum must be in [0, 1)"),

@@ -1,7 +1,10 @@
 """The run directory: config.json, metrics.jsonl, summary.json, TensorBoard events.
 
 Append-only while the run lives: metrics lines are appended and flushed, the summary is
-replaced atomically (write to a temporary file, then rename).
+replaced atomically (write to a temporary file, then rename). The one rewrite: when a run
+resumes from a checkpoint at step S, rows of metrics.jsonl with step > S (written after
+that checkpoint by the interrupted session) are dropped by writing a new file and renaming
+it over the old one, so each step appears exactly once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, "layer_stats", "checkpoints")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, "layer_stats", "checkpoints", "corrupt_checkpoints")
 RUN_PREFIXES = ("events.out.tfevents.",)
 
 
@@ -58,49 +61,110 @@ def config_diff(old: dict, new: dict, prefix="") -> list[str]:
 def existing_run_files(workdir: Path) -> list[Path]:
     if not workdir.is_dir():
         return []
-    return [p for p in workdir.iterdir()
-            if p.name in RUN_FILES or p.name.startswith(RUN_PREFIXES)]
+    try:
+        return [p for p in workdir.iterdir()
+                if p.name in RUN_FILES or p.name.startswith(RUN_PREFIXES)]
+    except OSError as e:
+        raise WorkdirError(f"cannot read workdir {workdir} ({e.strerror}); "
+                           "choose a readable --workdir") from None
 
 
-def prepare(workdir: Path, config_dict: dict, *, overwrite: bool) -> None:
-    """Make `workdir` ready for a new run of `config_dict`; never overwrite silently."""
+def _normalized(config_dict: dict) -> dict:
+    """The config as it reads back from config.json (tuples as lists, inf clipped)."""
+    return json.loads(json.dumps(_jsonable(config_dict)))
+
+
+def prepare(workdir: Path, config_dict: dict, *, overwrite: bool) -> bool:
+    """Make `workdir` ready for `config_dict`; returns True when it holds a run of the same
+    config to resume. Never overwrites silently: a run of another config (or files of a
+    run without a readable config.json) is an error unless `overwrite`."""
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} exists and is not a directory; choose another")
     found = existing_run_files(workdir)
+    resume = False
     if found and not overwrite:
         cfg_path = workdir / CONFIG
-        if cfg_path.exists():
-            try:
-                old = json.loads(cfg_path.read_text())
-            except (OSError, ValueError):
-                old = None
-            diff = config_diff(old, config_dict) if isinstance(old, dict) else ["unreadable"]
-            if diff:
-                raise WorkdirError(
-                    f"workdir {workdir} holds a run of another config ({'; '.join(diff[:3])}"
-                    f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to replace it "
-                    "or choose a new --workdir"
-                )
-        raise WorkdirError(
-            f"workdir {workdir} already holds a run; pass --overwrite to start it again "
-            "or choose a new --workdir"
-        )
-    for p in found:
-        if p.is_dir():
-            import shutil
-
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        try:
+            old = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise WorkdirError(
+                f"workdir {workdir} holds run files but no {CONFIG}; pass --overwrite to replace "
+                "them or choose a new --workdir") from None
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise WorkdirError(
+                f"workdir {workdir} has an unreadable {CONFIG}, so it cannot be resumed; pass "
+                "--overwrite to start the run again or choose a new --workdir")
+        diff = config_diff(old, _normalized(config_dict))
+        if diff:
+            raise WorkdirError(
+                f"workdir {workdir} holds a run of another config ({'; '.join(diff[:3])}"
+                f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to replace it "
+                "or choose a new --workdir"
+            )
+        resume = True
     try:
+        if not resume:
+            for p in found:
+                if p.is_dir():
+                    import shutil
+
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_test{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+        if not resume:
+            atomic_write_json(workdir / CONFIG, config_dict)
     except OSError as e:
-        raise WorkdirError(f"cannot write to workdir {workdir} ({e.strerror}); "
+        raise WorkdirError(f"cannot write to workdir {workdir} ({e.strerror or e}); "
                            "choose a writable --workdir") from None
-    atomic_write_json(workdir / CONFIG, config_dict)
+    return resume
+
+
+def read_summary(workdir: Path) -> dict:
+    """summary.json as a dict; {} when missing or unreadable."""
+    try:
+        obj = json.loads((workdir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def truncate_metrics(workdir: Path, step: int) -> int:
+    """Drop rows of metrics.jsonl with step > `step` and a final line cut off mid-write;
+    other lines (even unparseable ones) are kept. Rewrites atomically, only if needed.
+    Returns the number of rows dropped."""
+    path = workdir / METRICS
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    lines = text.splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        if not line.endswith("\n"):
+            continue  # the last line, cut off by a kill: never complete, drop it
+        try:
+            row = json.loads(line)
+        except ValueError:
+            keep.append(line)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+            continue
+        keep.append(line)
+    dropped = len(lines) - len(keep)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def versions() -> dict:
@@ -135,6 +199,21 @@ class MetricsWriter:
                   for k, v in scalars.items()]
         self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                            summary=summary_pb2.Summary(value=values)))
+
+    def resume(self, step: int) -> None:
+        """Mark a restart at `step` in the event log: TensorBoard's readers drop events of
+        earlier files with step > `step` when they meet this SessionLog.START."""
+        from tensorboard.compat.proto import event_pb2
+
+        self._tb.add_event(event_pb2.Event(
+            wall_time=time.time(), step=int(step) + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def sync(self) -> None:
+        """Flush both logs to disk (before a checkpoint commits, so it never runs ahead)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._tb.flush()
 
     def close(self) -> None:
         self._file.close()

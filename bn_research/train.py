@@ -4,11 +4,23 @@ The loop dispatches chunks of K steps (`lax.scan` inside one jitted call), then 
 the previous chunk's metrics while the next chunk runs, so the host never waits on the
 device except at the end. Evaluation runs on the test split with running statistics
 every `train.eval_every` steps and at the end.
+
+Reliability (see `checkpoint.py`):
+- every `train.checkpoint_every` steps and at the end the whole TrainState is saved
+  (asynchronously) with the host-side loop state; running again on the same workdir with
+  the same config resumes from the newest readable checkpoint, bitwise identically to a
+  run never stopped (the batch order is a pure function of state["rng"] and
+  state["step"]); rows logged after that checkpoint are dropped first;
+- SIGTERM / SIGINT stop at the next chunk boundary with a checkpoint there and
+  `status: interrupted` (a second signal stops at once, keeping the last checkpoint);
+- a non-finite training loss or one above `train.max_loss` ends the run as `diverged`.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,14 +30,15 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from bn_research import config_lib, data, models, optim, probes, rundir, step
+from bn_research import checkpoint, config_lib, data, models, optim, probes, rundir, step
 
 
 def chunk_length(config) -> int:
+    """Steps per dispatch: `train.steps_per_dispatch`, or gcd(log_every, eval_every); then
+    reduced to divide `train.checkpoint_every`, so every checkpoint falls on a chunk end."""
     t = config.train
-    if t.steps_per_dispatch:
-        return int(t.steps_per_dispatch)
-    return math.gcd(int(t.log_every), int(t.eval_every))
+    k = int(t.steps_per_dispatch) or math.gcd(int(t.log_every), int(t.eval_every))
+    return math.gcd(k, int(t.checkpoint_every)) if t.checkpoint_every else k
 
 
 def setup(config, dataset=None):
@@ -64,6 +77,10 @@ def setup(config, dataset=None):
             "fns": fns, "data": device_data}
 
 
+# Exit codes of a run stopped by a signal (128 + signal number, the shell's convention).
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
 def _window_means(buffers: list[dict]) -> dict:
     """Mean of each per-step train metric over the logging window."""
     keys = buffers[0].keys()
@@ -71,30 +88,122 @@ def _window_means(buffers: list[dict]) -> dict:
             for k in keys if np.ndim(buffers[0][k]) == 1}
 
 
+def _window_to_json(buffers: list[dict]) -> dict:
+    """The unfinished logging window as exact JSON (float32 -> float -> float32 round-trips)."""
+    if not buffers:
+        return {}
+    out = {}
+    for k in buffers[0]:
+        a = np.concatenate([np.asarray(b[k]) for b in buffers])
+        out[k] = {"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()}
+    return out
+
+
+def _window_from_json(obj: dict) -> list[dict]:
+    if not obj:
+        return []
+    return [{k: np.asarray(v["values"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+             for k, v in obj.items()}]
+
+
+class _StopSignals:
+    """While active (main thread only), SIGTERM / SIGINT set `name` so the loop stops at the
+    next chunk boundary with a checkpoint; a second signal raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.name = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        rundir.log(f"{self.name}: stopping at the next chunk boundary with a checkpoint "
+                   "(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        return False
+
+
+def _truncate_chunk(host: dict, n_steps: int, keep: int) -> dict:
+    """Per-step outputs of a chunk of `n_steps` steps cut to the first `keep` steps."""
+    return {k: (np.asarray(v)[:keep] if np.ndim(v) >= 1 and np.shape(v)[0] == n_steps else v)
+            for k, v in host.items()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=False,
                        dataset=None) -> dict:
-    """Train `config`, write the run directory `workdir`, return the summary dict."""
+    """Train `config` in the run directory `workdir`, return the summary dict.
+
+    A workdir holding a run of the same config resumes it from its newest checkpoint (a
+    run already `completed` or `diverged` is returned as it is); one of another config
+    raises `rundir.WorkdirError` unless `overwrite`.
+    """
     workdir = Path(workdir)
     config_lib.validate(config)
     config_dict = config.to_dict()
     t0 = time.time()
     s = setup(config, dataset)
-    rundir.prepare(workdir, config_dict, overwrite=overwrite)
-    writer = rundir.MetricsWriter(workdir)
-    recorder = probes.Recorder(config, workdir, s["model"].layer_names())
-    chunk_fn, eval_fn = step.jit_fns(s["fns"])
+    resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
+    if resume:
+        previous = rundir.read_summary(workdir)
+        if previous.get("status") in ("completed", "diverged"):
+            rundir.log(f"{workdir} already holds a {previous['status']} run of this config (step "
+                       f"{previous.get('step')}); pass --overwrite to run it again")
+            return previous
     t = config.train
     num_steps, k = int(t.num_steps), chunk_length(config)
+    ckpt = checkpoint.Checkpointer(workdir, int(t.keep_checkpoints))
     state, train_data, test_data = s["state"], s["data"]["train"], s["data"]["test"]
+    start, meta = 0, {}
+    if resume:
+        try:
+            restored = ckpt.restore_latest(state, warn=rundir.log)
+        except checkpoint.CheckpointError:
+            ckpt.close()
+            raise
+        if restored is not None:
+            start, state, meta = restored
+        rundir.truncate_metrics(workdir, start)
+    writer = rundir.MetricsWriter(workdir)
+    recorder = probes.Recorder(config, workdir, s["model"].layer_names())
+    resumes = list(meta.get("resumes", []))
+    if resume:
+        if hasattr(recorder, "truncate"):
+            recorder.truncate(start)
+        writer.resume(start)
+        resumes.append(start)
+        rundir.log(f"resuming {workdir} from step {start}"
+                   + (" (checkpoint)" if start else " (no checkpoint yet: from the start)"))
+    chunk_fn, eval_fn = step.jit_fns(s["fns"])
 
-    summary = {"status": "failed", "step": 0, "versions": rundir.versions(),
+    summary = {"status": "failed", "step": start, "versions": rundir.versions(),
                "device_kind": jax.devices()[0].device_kind,
                "platform": jax.devices()[0].platform, "num_devices": jax.device_count()}
-    window, last = [], {}
+    if resumes:
+        summary["resumed_at"] = resumes
+    window, last = _window_from_json(meta.get("window", {})), dict(meta.get("last", {}))
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    timed_before = (int(meta.get("timed_steps", 0)), float(meta.get("timed_s", 0.0)))
     pending = None
-    done = 0
-    t_first = None  # wall time when the first chunk finished (excludes compilation)
-    bar = tqdm(total=num_steps, desc=f"train {workdir.name}", unit="step", disable=None)
+    done = session_start = start
+    t_first = None  # (wall time, step) when this session's first chunk finished (excludes compilation)
+    bar = tqdm(total=num_steps, initial=start, desc=f"train {workdir.name}", unit="step", disable=None)
+
+    def timing():
+        steps, secs = timed_before
+        if t_first is not None and done > t_first[1]:
+            steps, secs = steps + done - t_first[1], secs + time.time() - t_first[0]
+        return steps, secs
 
     def process(item):
         nonlocal done, t_first
@@ -103,12 +212,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         losses = np.asarray(host["loss"])
         bad = ~np.isfinite(losses) | (losses > t.max_loss)
         if bad.any():
-            first = end - len(losses) + int(np.argmax(bad)) + 1
-            row = {f"train/{key}": float(np.asarray(v)[int(np.argmax(bad))])
-                   for key, v in host.items() if np.ndim(v) == 1}
+            i = int(np.argmax(bad))
+            first = end - len(losses) + i + 1
+            if i > 0:  # probes of the steps before the divergence are kept
+                rows = recorder.record(first - 1, _truncate_chunk(host, len(losses), i))
+                for row_step in sorted(rows):
+                    if rows[row_step]:
+                        writer.write(row_step, rows[row_step])
+                        last.update(rows[row_step])
+            row = {f"train/{key}": float(np.asarray(v)[i]) for key, v in host.items()
+                   if np.ndim(v) == 1 and key in step.BASE_METRICS}
             writer.write(first, row)
-            summary.update(status="diverged", step=first, diverged_at=first,
-                           final=dict(last, **row))
+            summary.update(status="diverged", step=first, diverged_at=first, final=dict(last, **row))
             return False
         window.append({key: v for key, v in host.items() if key in step.BASE_METRICS})
         scalars = {}
@@ -132,36 +247,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
             t_first = (time.time(), end)
         return True
 
+    def save(at):
+        writer.sync()  # rows up to `at` are on disk before the checkpoint can commit
+        steps, secs = timing()
+        ckpt.save(at, state, {"window": _window_to_json(window), "last": last,
+                              "wall_time_s": wall_before + time.time() - t0, "timed_steps": steps,
+                              "timed_s": secs, "resumes": resumes})
+
+    stop = _StopSignals()
     try:
-        ok = True
-        start = 0
-        while start < num_steps and ok:
-            n = min(k, num_steps - start)
-            state, metrics = chunk_fn(state, train_data, n)
-            end = start + n
-            eval_metrics = None
-            if end % t.eval_every == 0 or end == num_steps:
-                eval_metrics = eval_fn(state["params"], state["batch_stats"], test_data)
-            if pending is not None:
+        with stop:
+            ok = True
+            while start < num_steps and ok and stop.name is None:
+                n = min(k, num_steps - start)
+                state, metrics = chunk_fn(state, train_data, n)
+                end = start + n
+                eval_metrics = None
+                if end % t.eval_every == 0 or end == num_steps:
+                    eval_metrics = eval_fn(state["params"], state["batch_stats"], test_data)
+                if pending is not None:
+                    ok = process(pending)
+                pending = (end, metrics, eval_metrics)
+                start = end
+                at_checkpoint = t.checkpoint_every and end % t.checkpoint_every == 0
+                if ok and end < num_steps and (at_checkpoint or stop.name is not None):
+                    ok = process(pending)  # the state is donated to the next chunk: save it now
+                    pending = None
+                    if ok:
+                        save(end)
+            if ok and pending is not None:
                 ok = process(pending)
-            pending = (end, metrics, eval_metrics)
-            start = end
-        if ok and pending is not None:
-            ok = process(pending)
-        if ok:
-            summary.update(status="completed", step=num_steps, final=last)
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", step=done, final=last)
+            if ok and done == num_steps:
+                if num_steps not in ckpt.steps():
+                    save(num_steps)
+                ckpt.wait()
+                summary.update(status="completed", step=num_steps, final=last)
+            elif ok:
+                summary.update(status="interrupted", step=done, final=last, signal=stop.name)
+    except KeyboardInterrupt:  # a second signal: stop now; the last checkpoint stays valid
+        summary.update(status="interrupted", step=max(ckpt.steps(), default=0), final=last,
+                       signal=stop.name or "SIGINT")
+    except BaseException as e:
+        summary.update(error=f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
         bar.close()
         writer.close()
         recorder.close()
-        wall = time.time() - t0
-        summary["wall_time_s"] = wall
-        if t_first is not None and done > t_first[1]:
-            summary["steps_per_s"] = (done - t_first[1]) / max(time.time() - t_first[0], 1e-9)
-        else:
-            summary["steps_per_s"] = done / wall if wall > 0 else None
+        ckpt.close()
+        summary["wall_time_s"] = wall_before + time.time() - t0
+        steps, secs = timing()
+        if secs <= 0:  # a single chunk this session: all it has is its time including compilation
+            steps, secs = done - session_start, time.time() - t0
+        summary["steps_per_s"] = steps / secs if secs > 0 and steps > 0 else None
         rundir.write_summary(workdir, summary)
     return summary
