@@ -7,7 +7,8 @@ A checkpoint at step S holds two items:
   writes in the background;
 - `meta`: JSON the host loop needs to continue as if never stopped (the unfinished
   logging window, the last value of every metric, time spent so far) plus a SHA-256 of
-  the state's bytes, checked on restore so that silently garbled array files are caught.
+  the state's bytes and one of the metadata itself, checked on restore so that silently
+  garbled files are caught.
 
 Restore goes into the structure of a freshly built state (`target`): the graphdef is
 never pickled and a checkpoint of another architecture fails loudly. An unreadable
@@ -18,6 +19,7 @@ one-line warning and the previous one is tried; if none is readable, `Checkpoint
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -45,6 +47,12 @@ def state_digest(host_state) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of the metadata as canonical JSON, without its own digest fields."""
+    body = {k: v for k, v in meta.items() if k not in ("digest", "meta_digest")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 def _short(e: BaseException, limit: int = 120) -> str:
@@ -79,6 +87,7 @@ class Checkpointer:
         ocp = _ocp()
         host = jax.device_get(state)
         meta = dict(meta, step=int(step), digest=state_digest(host))
+        meta["meta_digest"] = meta_digest(meta)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -88,7 +97,9 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, meta = out["state"], out["meta"]
-        if not isinstance(meta, dict) or meta.get("step") != step:
+        if not isinstance(meta, dict) or meta.get("meta_digest") != meta_digest(meta):
+            raise ValueError("metadata does not match its digest")
+        if meta.get("step") != step:
             raise ValueError("metadata does not match the step")
         if jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(target):
             raise ValueError("state structure differs from this config's")

@@ -3,6 +3,10 @@
 The only module that defines flags. Usage errors (unknown config keys, wrong types,
 unknown variants, datasets or models, a workdir holding another run) print one line
 and exit with code 2 before any work starts.
+
+Exit codes: 0 completed (sweep: every point completed or diverged), 1 diverged or failed
+(sweep: a point could not run), 2 usage error, 130 / 143 stopped by SIGINT / SIGTERM
+(a checkpoint is saved; run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -50,6 +54,65 @@ def _one_line(e: BaseException) -> str:
     return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
 
 
+def _overrides(argv) -> list[tuple[str, str]]:
+    """(dotted key, value) of each --config.<key>=<value> (or --config.<key> <value>)."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config."):].partition("=")
+            if not eq and i + 1 < len(argv):
+                value = argv[i + 1]
+            out.append((key, value))
+    return out
+
+
+def _override_problem(argv) -> str | None:
+    """One line for the first --config.<key> override that names no key of the config
+    (with the closest key) or whose value has the wrong type; None if none is found."""
+    import difflib
+
+    import ml_collections
+
+    from bn_research import config_lib
+
+    overrides = _overrides(argv)
+    if not overrides:
+        return None
+    try:  # the config without overrides (config_flags itself re-reads sys.argv for them)
+        import importlib.util
+
+        path, _, arg = _config_path(argv).partition(":")
+        spec = importlib.util.spec_from_file_location("_bn_research_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+        leaves = list(config_lib._leaf_paths(config))
+    except Exception:  # noqa: BLE001  (the config itself does not load: reported elsewhere)
+        return None
+    for key, value in overrides:
+        node = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            hint = difflib.get_close_matches(key, leaves, n=1, cutoff=0.6)
+            if not hint:  # a misspelt last part: match on it alone
+                tail = difflib.get_close_matches(key.split(".")[-1], [p.split(".")[-1] for p in leaves], n=1)
+                hint = [p for p in leaves if tail and p.split(".")[-1] == tail[0]][:1]
+            return (f"unknown config key '{key}'"
+                    + (f"; did you mean '{hint[0]}'?" if hint else "; see the config file for the keys"))
+        if isinstance(node, ml_collections.ConfigDict):
+            return f"config key '{key}' is a group, not a value; set one of its keys, e.g. {key}.{next(iter(node))}"
+        for typ, name in ((bool, "true or false"), (int, "an integer"), (float, "a number")):
+            if isinstance(node, typ):
+                try:
+                    config_lib._coerce(node, value, key)
+                except ValueError:
+                    return f"config key '{key}' expects {name}, got '{value}'"
+                break
+    return None
+
+
 def _parse(argv):
     from absl import flags
 
@@ -57,9 +120,9 @@ def _parse(argv):
     try:
         rest = fv(argv)
     except flags.Error as e:
-        raise UsageError(_one_line(e)) from None
-    except Exception as e:  # errors raised while loading the config file
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(_override_problem(argv) or _one_line(e)) from None
+    except Exception as e:  # errors raised while loading the config file or an unknown key
+        raise UsageError(_override_problem(argv) or _one_line(e)) from None
     if fv["config"].present:
         try:
             fv.config.keys()  # config_flags defers a load failure to first use: surface it now
@@ -67,7 +130,7 @@ def _parse(argv):
             reason = _one_line(e).split("] ")[-1]
             raise UsageError(f"cannot load config file {_config_path(argv)}: {reason}") from None
         except Exception as e:
-            raise UsageError(_one_line(e)) from None
+            raise UsageError(_override_problem(argv) or _one_line(e)) from None
     return fv, rest[1:]
 
 
@@ -86,8 +149,35 @@ def _require(fv, *names):
             raise UsageError(f"--{name} is required")
 
 
+def _usage_errors():
+    from bn_research import checkpoint, config_lib, data, rundir
+
+    return (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError, checkpoint.CheckpointError)
+
+
+def _exit_code(summary: dict) -> int:
+    from bn_research import train
+
+    if summary.get("status") == "completed":
+        return 0
+    if summary.get("status") == "interrupted":
+        return train.EXIT_CODES.get(summary.get("signal"), 130)
+    return 1
+
+
+def _status_line(summary: dict) -> str:
+    final = summary.get("final") or {}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())
+                      if k.startswith("eval/") and isinstance(v, (int, float)))
+    line = (f"{summary.get('status')} at step {summary.get('step')} in {summary.get('wall_time_s') or 0:.1f}s"
+            f" ({summary.get('steps_per_s') or 0:.0f} steps/s){': ' + shown if shown else ''}")
+    if summary.get("status") == "interrupted":
+        line += "; run the same command again to resume"
+    return line
+
+
 def cmd_train(fv, rest):
-    from bn_research import config_lib, data, rundir, train
+    from bn_research import train
 
     _require(fv, "config", "workdir")
     if rest:
@@ -95,13 +185,10 @@ def cmd_train(fv, rest):
     config = fv.config
     try:
         summary = train.train_and_evaluate(config, fv.workdir, overwrite=fv.overwrite)
-    except (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError) as e:
+    except _usage_errors() as e:
         raise UsageError(str(e)) from None
-    final = summary.get("final", {})
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items()) if k.startswith("eval/"))
-    print(f"{summary['status']} at step {summary['step']} in {summary['wall_time_s']:.1f}s"
-          f" ({summary.get('steps_per_s') or 0:.0f} steps/s){': ' + shown if shown else ''}")
-    return 0 if summary["status"] == "completed" else 1
+    print(_status_line(summary), flush=True)
+    return _exit_code(summary)
 
 
 def _sweep_points(specs):
@@ -117,7 +204,7 @@ def _sweep_points(specs):
 def cmd_sweep(fv, rest):
     import copy
 
-    from bn_research import config_lib, data, rundir, train
+    from bn_research import config_lib, train
 
     _require(fv, "config", "workdir")
     points = _sweep_points(fv.sweep)
@@ -135,17 +222,26 @@ def cmd_sweep(fv, rest):
         config.lock()
         name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         configs.append((name, config))
-    failed = 0
+    failed, diverged = [], []
     for name, config in configs:
         workdir = os.path.join(fv.workdir, name)
         print(f"== {name} -> {workdir}", flush=True)
         try:
             summary = train.train_and_evaluate(config, workdir, overwrite=fv.overwrite)
-        except (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError) as e:
-            print(f"bn-research: {name}: {e}", file=sys.stderr)
-            failed += 1
+        except _usage_errors() as e:
+            print(f"bn-research: {name}: {e}", file=sys.stderr, flush=True)
+            failed.append(name)
             continue
-        print(f"   {summary['status']} at step {summary['step']}", flush=True)
+        print(f"   {_status_line(summary)}", flush=True)
+        if summary["status"] == "interrupted":
+            print("sweep interrupted; run the same command again to resume it", flush=True)
+            return _exit_code(summary)
+        if summary["status"] == "diverged":
+            diverged.append(name)
+    done = len(configs) - len(failed) - len(diverged)
+    print(f"sweep: {done} completed, {len(diverged)} diverged"
+          + (f" ({'; '.join(diverged)})" if diverged else "")
+          + f", {len(failed)} could not run" + (f" ({'; '.join(failed)})" if failed else ""), flush=True)
     return 0 if not failed else 1
 
 
@@ -187,6 +283,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"bn-research: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bn-research: interrupted", file=sys.stderr)
+        return 130
 
 
 def run():
