@@ -265,3 +265,24 @@ def test_forward_under_jit_matches_eager():
     assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
                for a, b in zip(jax.tree.leaves(stats_jit), jax.tree.leaves(batch_stats),
                                strict=True))
+
+
+def test_layer_order_survives_split_merge():
+    """Depth >= 11: nnx.merge rebuilds the layer Dict in sorted key order (dense_0, dense_1,
+    dense_10, ...); the forward pass must still run dense_0 ... dense_11 in depth order."""
+    import jax
+    from flax import nnx
+
+    from bn_research import config_lib, step
+
+    c = config_lib.base_config()
+    c.model.update(name="mlp", depth=12, width=8, activation="tanh", norm="none")
+    model = models.build(c, (5,), 3, seed=0)
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    expected, _ = model(x, train=False)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    merged = nnx.merge(graphdef, params, stats)
+    assert merged.layer_names() == [f"dense_{i}" for i in range(12)]
+    got, aux, _ = step.forward(graphdef, params, stats, x, train=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    assert list(aux) == [f"dense_{i}" for i in range(12)]
