@@ -29,13 +29,15 @@ class UsageError(Exception):
     pass
 
 
-def _flags():
+def _flags(argv=None):
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
+    # sys_argv: config_flags reads the --config.<key> overrides from it (else from sys.argv,
+    # which is wrong when main(argv) is called from Python).
     config_flags.DEFINE_config_file("config", None, "config file[:arg]", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=list(argv) if argv is not None else None)
     flags.DEFINE_string("workdir", None, "run directory (train) or sweep root (sweep)",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir", flag_values=fv)
@@ -116,7 +118,7 @@ def _override_problem(argv) -> str | None:
 def _parse(argv):
     from absl import flags
 
-    fv = _flags()
+    fv = _flags(argv)
     try:
         rest = fv(argv)
     except flags.Error as e:

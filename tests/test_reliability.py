@@ -1,0 +1,263 @@
+"""Reliability: SIGKILL / SIGTERM / SIGINT and resume, divergence, corrupted run files.
+
+The kill tests run `python -m bn_research train` in subprocesses and compare the
+interrupted-and-resumed run with one never interrupted: metrics.jsonl byte for byte,
+the summary's final metrics and the per-unit probe arrays exactly (CPU is deterministic).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bn_research import checkpoint, cli, rundir, runs, train
+from tests.conftest import load_config, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+# 1200 steps in chunks of 20 (gcd of log 40, eval 200, checkpoint 100); noisy batch norm
+# (per-step noise keys), momentum (optimizer state) and the default probes (probe state).
+# Checkpoints at multiples of 100 fall inside logging windows (log every 40).
+LONG = ["--config=configs/mlp.py:norm=noisy_batch,width=32", "--config.optimizer.name=momentum",
+        "--config.optimizer.learning_rate=0.1", "--config.train.num_steps=1200",
+        "--config.train.log_every=40", "--config.train.eval_every=200",
+        "--config.train.checkpoint_every=100", "--config.train.keep_checkpoints=2"]
+
+
+def start(workdir, *extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", "bn_research", "train", f"--workdir={workdir}", *LONG, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p, timeout=240):
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def wait_for(p, condition, timeout=120):
+    """Poll until `condition()` holds; fail if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if p.poll() is not None:
+            raise AssertionError(f"run ended (rc {p.returncode}) before the kill point: {p.stderr.read()}")
+        time.sleep(0.002)
+    raise AssertionError("kill point not reached")
+
+
+def checkpoint_steps(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def metric_steps(workdir):
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    rc, out, err = finish(start(workdir))
+    assert rc == 0, err
+    return workdir
+
+
+def assert_same_run(resumed, ref):
+    assert (resumed / "metrics.jsonl").read_bytes() == (ref / "metrics.jsonl").read_bytes()
+    a, b = rundir.read_summary(resumed), rundir.read_summary(ref)
+    assert a["status"] == b["status"] == "completed" and a["step"] == b["step"] == 1200
+    assert a["final"] == b["final"]
+    la, lb = runs.load(resumed).layer_stats, runs.load(ref).layer_stats
+    assert len(la) > 0
+    pd.testing.assert_frame_equal(la, lb, check_exact=True)
+    events = EventAccumulator(str(resumed))  # the resume's SessionLog.START drops the killed session's tail
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(40, 1201, 40))
+    ref_loss = {r["step"]: r["train/loss"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in r}
+    assert [e.value for e in events.Scalars("train/loss")] == [np.float32(ref_loss[s]) for s in steps]
+
+
+def test_sigkill_at_several_points_then_resume_is_bitwise(tmp_path, reference):
+    workdir = tmp_path / "run"
+    kills = [
+        lambda: metric_steps(workdir) and not checkpoint_steps(workdir),  # before any checkpoint
+        lambda: any(s >= 200 for s in checkpoint_steps(workdir)),  # just after a checkpoint (async save may still run)
+        lambda: any(s > 700 for s in metric_steps(workdir)),  # mid-window, after a later checkpoint
+    ]
+    for condition in kills:
+        p = start(workdir)
+        wait_for(p, condition)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (workdir / "summary.json").exists()
+    rc, out, err = finish(start(workdir))
+    assert rc == 0, err
+    assert "resuming" in err and "completed at step 1200" in out
+    assert_same_run(workdir, reference)
+    summary = rundir.read_summary(workdir)
+    assert summary["resumed_at"][0] == 0 and len(summary["resumed_at"]) == 3
+    assert summary["wall_time_s"] > 0 and summary["steps_per_s"] > 0
+    assert len(checkpoint_steps(workdir)) <= 2  # keep_checkpoints
+    # Running the finished command again changes nothing.
+    before = (workdir / "metrics.jsonl").read_bytes()
+    rc, out, err = finish(start(workdir))
+    assert rc == 0 and "already holds a completed run" in err
+    assert (workdir / "metrics.jsonl").read_bytes() == before
+
+
+def test_sigterm_checkpoints_marks_interrupted_and_resumes(tmp_path, reference):
+    workdir = tmp_path / "run"
+    p = start(workdir)
+    wait_for(p, lambda: any(s >= 300 for s in metric_steps(workdir)))
+    p.send_signal(signal.SIGTERM)
+    rc, out, err = finish(p)
+    assert rc == 143, err
+    assert "run the same command again to resume" in out and "Traceback" not in err
+    summary = rundir.read_summary(workdir)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    stopped = summary["step"]
+    assert stopped % 20 == 0 and stopped in checkpoint_steps(workdir)  # saved at the chunk boundary
+    assert max(metric_steps(workdir)) <= stopped
+    rc, out, err = finish(start(workdir))
+    assert rc == 0, err
+    assert f"resuming {workdir} from step {stopped}" in err
+    assert_same_run(workdir, reference)
+
+
+def test_sigint_exits_130_and_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    p = start(workdir, "--config.train.num_steps=600")
+    wait_for(p, lambda: any(s >= 80 for s in metric_steps(workdir)))
+    p.send_signal(signal.SIGINT)
+    rc, out, err = finish(p)
+    assert rc == 130, err
+    assert rundir.read_summary(workdir)["status"] == "interrupted" and "Traceback" not in err
+    rc, out, err = finish(start(workdir, "--config.train.num_steps=600"))
+    assert rc == 0 and "completed at step 600" in out, err
+    assert metric_steps(workdir) == sorted(set(metric_steps(workdir)))
+
+
+def _diverging_config():
+    config = tiny(load_config("mlp", "norm=none,activation=relu,lr=50"), steps=40)
+    config.train.log_every = config.train.eval_every = 20
+    config.probes.drift.every = 1  # per-step probe rows, to see they stop at the divergence
+    return config
+
+
+def test_divergence_keeps_probes_up_to_the_step(tmp_path):
+    summary = train.train_and_evaluate(_diverging_config(), tmp_path)
+    assert summary["status"] == "diverged"
+    at = summary["diverged_at"]
+    assert 1 < at <= 40 and summary["step"] == at
+    run = runs.load(tmp_path)
+    assert run.summary["status"] == "diverged" and run.metrics["step"].max() == at
+    diverged_row = run.metrics[run.metrics["step"] == at].iloc[0]
+    loss = diverged_row["train/loss"]
+    assert not np.isfinite(loss) or loss > 1e6 or np.isnan(loss)
+    probe_steps = sorted(set(run.layer_stats["step"]))
+    assert probe_steps == list(range(1, at)), "probes of every step before the divergence, none after"
+    # Running it again returns the result instead of diverging again.
+    again = train.train_and_evaluate(_diverging_config(), tmp_path)
+    assert again["status"] == "diverged" and again["diverged_at"] == at
+
+
+def test_sweep_carries_on_after_a_diverged_point(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-m", "bn_research", "sweep", "--config=configs/mlp.py:norm=none,activation=relu",
+                        f"--workdir={tmp_path}", "--sweep=optimizer.learning_rate=50,0.1",
+                        "--config.train.num_steps=20", "--config.train.log_every=10", "--config.train.eval_every=10"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "sweep: 1 completed, 1 diverged (learning_rate=50)" in r.stdout
+    assert rundir.read_summary(tmp_path / "learning_rate=50")["status"] == "diverged"
+    assert rundir.read_summary(tmp_path / "learning_rate=0.1")["status"] == "completed"
+
+
+def _small(steps=10):
+    config = tiny(load_config("mlp", "width=16"), steps=steps)
+    config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 5, 5, 5
+    return config
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+    ref = train.train_and_evaluate(_small(), tmp_path / "ref")
+    workdir = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", workdir)
+    (workdir / "summary.json").unlink()  # as if killed just after the last checkpoint
+    for f in (workdir / "checkpoints" / "10" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    capsys.readouterr()
+    summary = train.train_and_evaluate(_small(), workdir)
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: checkpoint at step 10")]
+    assert len(warnings) == 1 and "resuming from step 5" in warnings[0]
+    assert (workdir / "corrupt_checkpoints" / "10").is_dir()  # kept, not deleted
+    assert summary["final"] == ref["final"]
+    assert (workdir / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "metrics.jsonl").read_bytes()
+
+
+def test_every_checkpoint_unreadable_is_one_line_exit_2(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(_small(), workdir)
+    (workdir / "summary.json").unlink()
+    for meta in (workdir / "checkpoints").glob("*/meta/metadata"):
+        meta.write_text("{garbage")
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train.train_and_evaluate(_small(), workdir)
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_truncate_metrics_drops_later_rows_and_a_cut_line(tmp_path):
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (10, 20, 30)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\nnot json\n" + '{"step": 40, "tr')
+    assert rundir.truncate_metrics(tmp_path, 20) == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\nnot json\n"
+    assert rundir.truncate_metrics(tmp_path, 20) == 0
+
+
+def test_unwritable_workdir_is_one_line(tmp_path, capsys):
+    """A workdir that cannot be created (its parent is a file) or written (read-only, when not root)."""
+    (tmp_path / "a_file").write_text("keep me")
+    bad = [tmp_path / "a_file" / "run"]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        bad.append(locked / "run")
+    for workdir in bad:
+        rc = cli.main(["bn-research", "train", f"--config={ROOT / 'configs/mlp.py'}", f"--workdir={workdir}",
+                       "--config.train.num_steps=5"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "choose a writable --workdir" in err[0], err
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_chunk_length_divides_checkpoint_every():
+    config = tiny(load_config("mlp"))
+    config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 50, 100, 30
+    assert train.chunk_length(config) == 10
+    config.train.checkpoint_every = 0
+    assert train.chunk_length(config) == 50
