@@ -125,6 +125,19 @@ def prepare(workdir: Path, config_dict: dict, *, overwrite: bool) -> bool:
     return resume
 
 
+def finished_summary(workdir: Path, config_dict: dict) -> dict | None:
+    """The summary of a `completed` or `diverged` run of this very config in `workdir`, else
+    None. Reads only; lets a rerun of a finished command return before any work."""
+    summary = read_summary(workdir)
+    if summary.get("status") not in ("completed", "diverged"):
+        return None
+    try:
+        old = json.loads((workdir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(old, dict) and not config_diff(old, _normalized(config_dict)) else None
+
+
 def read_summary(workdir: Path) -> dict:
     """summary.json as a dict; {} when missing or unreadable."""
     try:

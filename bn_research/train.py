@@ -151,15 +151,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
     workdir = Path(workdir)
     config_lib.validate(config)
     config_dict = config.to_dict()
+    finished = None if overwrite else rundir.finished_summary(workdir, config_dict)
+    if finished is not None:
+        rundir.log(f"{workdir} already holds a {finished['status']} run of this config (step "
+                   f"{finished.get('step')}); pass --overwrite to run it again")
+        return finished
     t0 = time.time()
     s = setup(config, dataset)
     resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
-    if resume:
-        previous = rundir.read_summary(workdir)
-        if previous.get("status") in ("completed", "diverged"):
-            rundir.log(f"{workdir} already holds a {previous['status']} run of this config (step "
-                       f"{previous.get('step')}); pass --overwrite to run it again")
-            return previous
     t = config.train
     num_steps, k = int(t.num_steps), chunk_length(config)
     ckpt = checkpoint.Checkpointer(workdir, int(t.keep_checkpoints))
