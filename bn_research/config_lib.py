@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # keep this many most recent checkpoints
 
     c.probes = probes.default_config()
+
+    c.replicas = ml_collections.ConfigDict()  # vectorized replicas (bn_research.replicas): one program, N runs
+    c.replicas.seeds = ()  # one replica per seed, crossed with learning_rates; () = (seed,)
+    c.replicas.learning_rates = ()  # one replica per peak rate; () = (optimizer.learning_rate,)
     return c
 
 

@@ -1,0 +1,71 @@
+"""Vectorized replicas (one vmapped program) match separately trained single runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bn_research import replicas, runs, train
+from tests.conftest import load_config, tiny
+
+
+def _rows(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_rows(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            np.testing.assert_allclose(ra[key], rb[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("arg,seeds,rates", [
+    ("norm=noisy_batch", (0, 3), (0.1, 0.5)),  # noise, data order and init differ per seed
+    ("norm=batch,optimizer.name=momentum,optimizer.schedule=cosine", (1,), (0.02, 0.2)),
+])
+def test_replicas_match_single_runs(tmp_path, arg, seeds, rates):
+    config = tiny(load_config("mlp", arg))
+    config.replicas.seeds, config.replicas.learning_rates = seeds, rates
+    workdirs = replicas.default_workdirs(config, tmp_path / "vec")
+    summaries = replicas.train_replicas(config, workdirs)
+    configs = replicas.expand(config)
+    assert len(summaries) == len(configs) == len(seeds) * len(rates)
+    assert [(c.seed, c.optimizer.learning_rate) for c in configs] == [(s, r) for s in seeds for r in rates]
+    assert all(s["status"] == "completed" and s["step"] == 20 for s in summaries)
+    for i in (0, len(configs) - 1):
+        single = tmp_path / f"single{i}"
+        train.train_and_evaluate(configs[i], single)
+        _assert_same_rows(_rows(workdirs[i]), _rows(single))
+        assert json.loads((workdirs[i] / "config.json").read_text()) == json.loads((single / "config.json").read_text())
+    run = runs.load(workdirs[0])
+    assert run.summary["replica"] == {"index": 0, "count": len(configs), "vectorized": True}
+    assert {10, 20} <= set(run.metrics["step"])
+
+
+def test_replicas_differ_and_aggregate_as_seeds(tmp_path):
+    config = tiny(load_config("mlp", "norm=batch"))
+    config.replicas.seeds = (0, 1, 2)
+    workdirs = replicas.default_workdirs(config, tmp_path)
+    assert [w.name for w in workdirs] == ["seed0_lr0.5", "seed1_lr0.5", "seed2_lr0.5"]
+    replicas.train_replicas(config, workdirs)
+    losses = [_rows(w)[-1]["train/loss"] for w in workdirs]
+    assert len(set(losses)) == 3
+    table = runs.compare(workdirs)
+    assert len(table) == 1 and table["seeds"][0] == 3
+    # A second call returns the finished runs without training; a changed config must not clobber them.
+    again = replicas.train_replicas(config, workdirs)
+    assert [s["status"] for s in again] == ["completed"] * 3
+
+
+def test_replica_config_errors():
+    config = tiny(load_config("mlp"))
+    assert not replicas.enabled(config)
+    config.replicas.learning_rates = (0.1, 0.1)
+    assert replicas.enabled(config)
+    with pytest.raises(Exception, match="must not repeat"):
+        replicas.validate(config)
+    config.replicas.learning_rates = (0.1, -1.0)
+    with pytest.raises(Exception, match="learning_rates must be > 0"):
+        replicas.validate(config)
