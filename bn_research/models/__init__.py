@@ -111,10 +111,22 @@ class MLP(nnx.Module):
                 init_scale=cfg.init_scale, rngs=rngs,
             )
             fan_in = cfg.width
-        self.layers = nnx.Dict(layers)
         # Depth order, kept explicitly: nnx.merge rebuilds the Dict in sorted key order
         # (dense_0, dense_1, dense_10, ...), which is not the order of the layers.
         self.names = tuple(layers)
+        self.scan_layers = bool(cfg.get("scan_layers", False)) and cfg.depth >= 3
+        if self.scan_layers:
+            if cfg.norm == "weight" and norm_cfg.wn_data_init:
+                raise ValueError("model.scan_layers does not support norm=weight with norm.wn_data_init; "
+                                 "set one of them false")
+            # Hidden layers 1..depth-1 share one shape: their variables are stacked along a
+            # leading layer axis in `stack` and applied by lax.scan, so compile time does not
+            # grow with depth. Same initialization as the unrolled model (built the same way).
+            rest = [layers.pop(name) for name in self.names[1:]]
+            stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in rest])
+            self.stack = rest[0]
+            nnx.update(self.stack, stacked)
+        self.layers = nnx.Dict(layers)
         self.head = norms.Dense(fan_in, output_dim, use_bias=True, rngs=rngs)
 
     def layer_names(self):
@@ -123,10 +135,31 @@ class MLP(nnx.Module):
     def __call__(self, x, *, train: bool, rng=None):
         h = x.reshape((x.shape[0], -1))
         aux = {}
-        for i, name in enumerate(self.layer_names()):
+        unrolled = self.names[:1] if self.scan_layers else self.names
+        for i, name in enumerate(unrolled):
             out, aux[name] = self.layers[name](h, train=train, rng=_layer_rng(rng, i))
             h = h + out if (self.residual and i > 0) else out
+        if self.scan_layers:
+            h, stacked_aux = self._scan_stack(h, train, rng)
+            for j, name in enumerate(self.names[1:]):
+                aux[name] = jax.tree_util.tree_map(lambda a, j=j: a[j], stacked_aux)
         return self.head(h), aux
+
+    def _scan_stack(self, h, train, rng):
+        """Layers 1..depth-1 by lax.scan over the stacked variables; returns the output and
+        the per-layer aux stacked along axis 0. Batch statistics are written back."""
+        graphdef, state = nnx.split(self.stack)
+
+        def body(h, xs):
+            layer_state, i = xs
+            layer = nnx.merge(graphdef, layer_state)
+            out, a = layer(h, train=train, rng=_layer_rng(rng, i))
+            return (h + out if self.residual else out), (nnx.state(layer), a)
+
+        index = jnp.arange(1, len(self.names), dtype=jnp.int32)
+        h, (new_state, stacked_aux) = jax.lax.scan(body, h, (state, index))
+        nnx.update(self.stack, new_state)
+        return h, stacked_aux
 
 
 class CNN(nnx.Module):
