@@ -251,8 +251,23 @@ class Conv(Dense):
         return y + self.bias.value if self.use_bias else y
 
 
+@jax.custom_batching.custom_vmap
 def _conv_same(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@_conv_same.def_vmap
+def _conv_same_vmap(axis_size, in_batched, x, w):
+    """Under vmap (e.g. replicas): a batch of inputs with one kernel folds into the batch
+    axis; per-replica kernels run one convolution per replica (`lax.map`), because the
+    grouped convolution that vmap would otherwise emit is ~5x slower on XLA:CPU."""
+    x_batched, w_batched = in_batched
+    if not w_batched:
+        n, b = x.shape[:2]
+        return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
+    if x_batched:
+        return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
+    return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
 
 
 @jax.custom_vjp

@@ -127,7 +127,7 @@ def build(config, dataset=None):
                                   probe_fn=probes.make_probe_fn(c, graphdef, ds.task))
 
     state = _stack([s["state"] for s in setups])
-    state["step"] = setups[0]["state"]["step"]
+    state["step"] = jnp.copy(setups[0]["state"]["step"])  # a fresh buffer: the chunk donates it
     axes = {key: (None if key == "step" else 0) for key in state}
 
     def chunk(state, lrs, train_data, num_steps):

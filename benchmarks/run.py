@@ -1,0 +1,460 @@
+"""Side-by-side timing of bn_research on this machine: `python benchmarks/run.py`.
+
+Every comparison runs its variants interleaved (A B, B A, A B, ...) in one process and
+reports the median and min-max over the repetitions; compilation is excluded from
+throughput. Writes `benchmarks/results.json` (with the machine and versions) and
+`benchmarks/results.md`, and prints the table. Comparisons, on `configs/mlp.py` (Ioffe
+& Szegedy MLP, batch 60) and `configs/cnn.py` (VGG-style CNN, batch 64):
+
+- framework loop (`train.train_and_evaluate`, default logging and probes; and with the
+  probes off) vs a hand-written jitted JAX step with no logging (`bare_jax.py`);
+- framework vs a PyTorch eager loop of the same model (`torch_ref.py`; CNN channels_last);
+- K steps per dispatch (`lax.scan`) vs one step per dispatch;
+- N=8 replicas under `jax.vmap` (`bn_research.replicas`) vs 8 sequential runs;
+- compile time of a depth-100 vs a depth-10 MLP (`model.scan_layers`);
+- achieved FLOP/s (analytic count; XLA's cost analysis alongside) over the FLOP/s of a
+  float32 matmul measured in the same run.
+
+Options: `--reps N` (default 3), `--quick` (fewer steps; for a smoke test), `--out DIR`.
+PyTorch is optional (`pip install -e '.[bench]'`); without it those rows are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import bare_jax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bn_research import data, replicas, train  # noqa: E402
+
+
+def load_config(name: str, arg: str | None = None):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", HERE.parent / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def probes_off(config):
+    for name in config.probes:
+        if "enabled" in config.probes[name]:
+            config.probes[name].enabled = False
+    return config
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+           "python": platform.python_version(), "jax_device": jax.devices()[0].device_kind}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def interleave(variants: dict, reps: int) -> dict:
+    """Run each variant `reps` times, order rotating each repetition; {name: [values]}."""
+    names = list(variants)
+    out = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            out[n].append(float(variants[n]()))
+    return out
+
+
+def stats(values) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def timed_rate(fn, steps: int) -> float:
+    """steps / seconds of `fn()` (which must block until done)."""
+    t = time.perf_counter()
+    fn()
+    return steps / (time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------------------
+# Variants
+
+
+def framework_loop(config, dataset, workdir):
+    def run():
+        s = train.train_and_evaluate(config, workdir, overwrite=True, dataset=dataset)
+        assert s["status"] == "completed", s["status"]
+        return s["steps_per_s"]
+
+    return run
+
+
+def bare_step(kind, config, dataset, steps):
+    ds = dataset
+    x, y = jnp.asarray(ds.train["x"]), jnp.asarray(ds.train["y"])
+    holder = {}
+    state, one, _ = bare_jax.make(kind, config, ds.input_shape, ds.output_dim)
+    idx = bare_jax.Indices(x.shape[0], config.train.batch_size)
+    state, loss = one(state, x, y, jnp.asarray(idx.next()))
+    jax.block_until_ready(loss)
+    holder["state"] = state
+
+    def run():
+        def go():
+            st = holder["state"]
+            for _ in range(steps):
+                st, loss = one(st, x, y, idx.next())
+            jax.block_until_ready(loss)
+            holder["state"] = st
+
+        return timed_rate(go, steps)
+
+    return run
+
+
+def bare_scan(kind, config, dataset, steps, k):
+    ds = dataset
+    x, y = jnp.asarray(ds.train["x"]), jnp.asarray(ds.train["y"])
+    holder = {}
+    state, _, chunk = bare_jax.make(kind, config, ds.input_shape, ds.output_dim)
+    idx = bare_jax.Indices(x.shape[0], config.train.batch_size)
+    state, loss = chunk(state, x, y, idx.chunk(k))
+    jax.block_until_ready(loss)
+    holder["state"] = state
+
+    def run():
+        def go():
+            st = holder["state"]
+            for _ in range(steps // k):
+                st, loss = chunk(st, x, y, idx.chunk(k))
+            jax.block_until_ready(loss)
+            holder["state"] = st
+
+        return timed_rate(go, steps // k * k)
+
+    return run
+
+
+def torch_loop(kind, config, dataset, steps):
+    import torch_ref
+
+    loop = torch_ref.Loop(kind, config, np.asarray(dataset.train["x"]), np.asarray(dataset.train["y"]),
+                          dataset.output_dim)
+    loop.run(5)
+    return lambda: timed_rate(lambda: loop.run(steps), steps)
+
+
+def dispatch_variants(config, dataset, steps, k):
+    """Framework step functions: K steps per `lax.scan` dispatch vs one step per dispatch."""
+    s = train.setup(config, dataset)
+    d = s["data"]["train"]
+    chunk = jax.jit(s["fns"].train_chunk, static_argnums=2, donate_argnums=0)
+    one = jax.jit(s["fns"].train_step, donate_argnums=0)
+    copy = lambda st: jax.tree_util.tree_map(jnp.copy, st)
+    holder = {"a": chunk(copy(s["state"]), d, k)[0], "b": one(copy(s["state"]), d)[0]}
+    jax.block_until_ready(holder)
+
+    def scanned():
+        def go():
+            st = holder["a"]
+            for _ in range(steps // k):
+                st, m = chunk(st, d, k)
+            jax.block_until_ready(m)
+            holder["a"] = st
+
+        return timed_rate(go, steps // k * k)
+
+    def single():
+        def go():
+            st = holder["b"]
+            for _ in range(steps // k * k):
+                st, m = one(st, d)
+            jax.block_until_ready(m)
+            holder["b"] = st
+
+        return timed_rate(go, steps // k * k)
+
+    return scanned, single, s
+
+
+def replica_variants(config, dataset, n, k):
+    """Throughput (replica-steps/s) of n vmapped replicas vs the same n run one by one."""
+    config = load_config_copy(config)
+    config.replicas.seeds = tuple(range(n))
+    b = replicas.build(config, dataset)
+    d = b["data"]["train"]
+    single = jax.jit(b["setups"][0]["fns"].train_chunk, static_argnums=2, donate_argnums=0)
+    holder = {"vec": b["chunk"](b["state"], b["learning_rates"], d, k)[0],
+              "seq": [single(jax.tree_util.tree_map(jnp.copy, s["state"]), d, k)[0] for s in b["setups"]]}
+    jax.block_until_ready(holder)
+
+    def vec():
+        def go():
+            st, m = b["chunk"](holder["vec"], b["learning_rates"], d, k)
+            jax.block_until_ready(m)
+            holder["vec"] = st
+
+        return timed_rate(go, n * k)
+
+    def seq():
+        def go():
+            out = []
+            for st in holder["seq"]:
+                st, m = single(st, d, k)
+                jax.block_until_ready(m)  # one run after another
+                out.append(st)
+            holder["seq"] = out
+
+        return timed_rate(go, n * k)
+
+    return vec, seq
+
+
+def load_config_copy(config):
+    import ml_collections
+
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def compile_seconds(config, dataset, k):
+    s = train.setup(config, dataset)
+    t = time.perf_counter()
+    jax.jit(s["fns"].train_chunk, static_argnums=2).lower(s["state"], s["data"]["train"], k).compile()
+    return time.perf_counter() - t
+
+
+def matmul_flops_per_s(n=1024, reps=10):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        rates.append(2 * n**3 / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def mlp_step_flops(config, fan_in, out):
+    """Analytic matmul FLOPs of one MLP training step: forward x W, gradient wrt W for every
+    layer, gradient wrt the input for every layer but the first (not needed)."""
+    b, w, d = config.train.batch_size, config.model.width, config.model.depth
+    dims = [(fan_in, w)] + [(w, w)] * (d - 1) + [(w, out)]
+    mm = sum(2 * b * i * o for i, o in dims)
+    return 3 * mm - 2 * b * dims[0][0] * dims[0][1]
+
+
+def cnn_step_flops(config, input_shape, out):
+    """Analytic conv + dense FLOPs of one CNN training step (same rule as the MLP)."""
+    b, m = config.train.batch_size, config.model
+    size, channels, total, first = input_shape[0], input_shape[-1], 0, None
+    for i in range(m.depth):
+        width = m.width * 2 ** (i // 2)
+        f = 2 * b * size * size * 9 * channels * width
+        first = f if first is None else first
+        total += f
+        channels = width
+        if i % 2 == 1 and size >= 2:
+            size //= 2
+    total += 2 * b * channels * out
+    return 3 * total - first
+
+
+def xla_flops(fns, state, train_data):
+    cost = jax.jit(fns.train_step).lower(state, train_data).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(HERE))
+    args = p.parse_args(argv)
+    reps, quick = args.reps, args.quick
+    t_start = time.time()
+    try:
+        import torch  # noqa: F401
+
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("torch not installed: PyTorch rows skipped (pip install -e '.[bench]')", file=sys.stderr)
+
+    rows = []
+
+    def add(section, name, a_label, a, b_label, b, ratio_fn, goal=None, unit="steps/s", note=""):
+        sa, sb = stats(a), stats(b)
+        ratio = ratio_fn(sa["median"], sb["median"])
+        met = None if goal is None else bool(eval(f"{ratio} {goal}"))  # noqa: S307 - goal strings are ours
+        rows.append({"section": section, "name": name, "unit": unit, "a": dict(label=a_label, **sa),
+                     "b": dict(label=b_label, **sb), "ratio": ratio, "goal": goal, "met": met, "note": note})
+        print(f"{name}: {a_label} {sa['median']:.4g} vs {b_label} {sb['median']:.4g} -> {ratio:.3g}"
+              + (f" (goal {goal}: {'met' if met else 'MISSED'})" if goal else ""), flush=True)
+
+    matmul = []
+    tmp = Path(tempfile.mkdtemp(prefix="bn_bench_"))
+    for kind in ("mlp", "cnn"):
+        config = load_config(kind)
+        ds = data.load(config.dataset)
+        matmul.append(matmul_flops_per_s())
+        if kind == "mlp":
+            loop_steps, bare_n, torch_n, k, disp_n, rep_k = (600, 600, 300, 100, 300, 50) if quick else \
+                (3000, 2000, 1000, 100, 1000, 200)
+        else:
+            loop_steps, bare_n, torch_n, k, disp_n, rep_k = (100, 10, 10, 50, 10, 5) if quick else \
+                (300, 50, 50, 50, 50, 10)
+        cfg_loop = load_config(kind, f"steps={loop_steps}")
+        cfg_off = probes_off(load_config(kind, f"steps={loop_steps}"))
+        fw = framework_loop(cfg_loop, ds, tmp / f"{kind}_fw")
+        fw_off = framework_loop(cfg_off, ds, tmp / f"{kind}_fw_off")
+        bare = bare_step(kind, config, ds, bare_n)
+        variants = {"framework": fw, "framework_probes_off": fw_off, "bare": bare}
+        if kind == "mlp":
+            variants["bare_scan"] = bare_scan(kind, config, ds, bare_n, k)
+            cfg_k500 = probes_off(load_config(kind, f"steps={loop_steps},train.steps_per_dispatch=500"))
+            variants["framework_k500"] = framework_loop(cfg_k500, ds, tmp / f"{kind}_fw_k500")
+        if have_torch:
+            variants["torch"] = torch_loop(kind, config, ds, torch_n)
+        res = interleave(variants, reps)
+        sec = f"{kind}: loop"
+        add(sec, f"{kind} framework loop / bare jitted step (time ratio)", "framework", res["framework"],
+            "bare step", res["bare"], lambda a, b: b / a, "<= 1.10",
+            note="framework: train_and_evaluate with the config's default logging, eval, probes, checkpoints")
+        add(sec, f"{kind} framework loop, probes off / bare jitted step (time ratio)", "framework (probes off)",
+            res["framework_probes_off"], "bare step", res["bare"], lambda a, b: b / a, "<= 1.10")
+        if "bare_scan" in res:
+            add(sec, f"{kind} framework loop, probes off / bare scanned steps (time ratio)",
+                "framework (probes off)", res["framework_probes_off"], f"bare scan K={k}", res["bare_scan"],
+                lambda a, b: b / a, note="stricter baseline: hand-written steps also K per dispatch")
+        if "framework_k500" in res:
+            add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare jitted step (time ratio)",
+                "framework (probes off, K=500)", res["framework_k500"], "bare step", res["bare"],
+                lambda a, b: b / a, note="train.steps_per_dispatch=500 instead of gcd(log_every, eval_every)=100")
+            add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare scanned steps (time ratio)",
+                "framework (probes off, K=500)", res["framework_k500"], f"bare scan K={k}", res["bare_scan"],
+                lambda a, b: b / a)
+        if have_torch:
+            goal = ">= 5" if kind == "mlp" else ">= 1.0"
+            add(sec, f"{kind} framework / PyTorch eager (speedup)", "framework", res["framework"],
+                "torch eager" + (" channels_last" if kind == "cnn" else ""), res["torch"], lambda a, b: a / b, goal)
+            add(sec, f"{kind} framework, probes off / PyTorch eager (speedup)", "framework (probes off)",
+                res["framework_probes_off"], "torch eager", res["torch"], lambda a, b: a / b, goal)
+
+        scanned, single, s = dispatch_variants(probes_off(load_config(kind)), ds, disp_n, k)
+        res = interleave({"scan": scanned, "single": single}, reps)
+        add(f"{kind}: dispatch", f"{kind} K={k} steps per dispatch / 1 step per dispatch (speedup)",
+            f"scan K={k}", res["scan"], "1 per dispatch", res["single"], lambda a, b: a / b,
+            note="probes off")
+        fw_chunk_rate = statistics.median(res["scan"])
+
+        vec, seq = replica_variants(probes_off(load_config(kind)), ds, 8, rep_k)
+        res = interleave({"vec": vec, "seq": seq}, max(2, reps - 1) if kind == "cnn" else reps)
+        add(f"{kind}: replicas", f"{kind} 8 replicas vmapped / 8 sequential (throughput)", "vmap N=8",
+            res["vec"], "8 sequential", res["seq"], lambda a, b: a / b, ">= 3", unit="replica-steps/s",
+            note=f"chunks of {rep_k} steps, probes off, compile excluded")
+        vec_rate = statistics.median(res["vec"])
+
+        if kind == "mlp":
+            flops = mlp_step_flops(config, int(np.prod(ds.input_shape)), ds.output_dim)
+        else:
+            flops = cnn_step_flops(config, ds.input_shape, ds.output_dim)
+        xla = xla_flops(s["fns"], s["state"], s["data"]["train"])
+        mm = matmul[-1]
+        rows.append({"section": f"{kind}: flops", "name": f"{kind} FLOP utilization (achieved / fp32 matmul)",
+                     "unit": "FLOP/s", "a": {"label": "train step (scan, probes off)", "median": flops * fw_chunk_rate},
+                     "b": {"label": "1024x1024 matmul", "median": mm}, "ratio": flops * fw_chunk_rate / mm,
+                     "goal": ">= 0.5" if kind == "mlp" else None,
+                     "met": (flops * fw_chunk_rate / mm >= 0.5) if kind == "mlp" else None,
+                     "note": f"analytic {flops / 1e6:.1f} MFLOP/step; XLA cost analysis {xla / 1e6:.1f} MFLOP/step; "
+                             f"8 vmapped replicas reach {flops * vec_rate / mm:.2f}"})
+        print(f"{kind} FLOP utilization: {rows[-1]['ratio']:.3f} ({rows[-1]['note']})", flush=True)
+
+    # Compile time: depth 100 vs depth 10 (scan over layers), probes off.
+    cfg = {(d, sc): probes_off(load_config("mlp", f"depth={d},model.scan_layers={sc}"))
+           for d in (10, 100) for sc in ("true", "false")}
+    ds = data.load(cfg[(10, "true")].dataset)
+    res = interleave({"d100": lambda: compile_seconds(cfg[(100, "true")], ds, 100),
+                      "d10": lambda: compile_seconds(cfg[(10, "true")], ds, 100)}, reps)
+    add("compile", "compile depth 100 / depth 10, scan_layers (time ratio)", "depth 100", res["d100"],
+        "depth 10", res["d10"], lambda a, b: a / b, "<= 1.5", unit="s")
+    res = interleave({"d100": lambda: compile_seconds(cfg[(100, "false")], ds, 100),
+                      "d10": lambda: compile_seconds(cfg[(10, "false")], ds, 100)}, 1)
+    add("compile", "compile depth 100 / depth 10, unrolled layers (time ratio)", "depth 100", res["d100"],
+        "depth 10", res["d10"], lambda a, b: a / b, unit="s", note="one repetition")
+
+    out = Path(args.out)
+    result = {"machine": machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "reps": reps, "quick": quick, "duration_s": time.time() - t_start,
+              "matmul_flops_per_s": matmul, "results": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    md = markdown(result)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _fmt(x):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def markdown(result) -> str:
+    m = result["machine"]
+    lines = [
+        "# bn_research benchmarks",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
+        f"optax {m['optax']}, torch {m['torch']}. {result['date_utc']}, {result['reps']} interleaved "
+        f"repetitions, {result['duration_s']:.0f} s in all. Produced by `python benchmarks/run.py`.",
+        "",
+        "| comparison | A: median (min-max) | B: median (min-max) | unit | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["results"]:
+        def cell(s):
+            rng = f" ({_fmt(s['min'])}-{_fmt(s['max'])})" if "min" in s else ""
+            return f"{s['label']}: {_fmt(s['median'])}{rng}"
+
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['name']} | {cell(r['a'])} | {cell(r['b'])} | {r['unit']} | {r['ratio']:.3g} | "
+                     f"{r['goal'] or ''} | {met} |")
+    notes = [f"- {r['name']}: {r['note']}" for r in result["results"] if r.get("note")]
+    return "\n".join(lines + ["", "Notes:", ""] + notes) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""PyTorch eager training loops equivalent to `configs/mlp.py` and `configs/cnn.py`:
+same layers (no bias before batch norm; batch norm momentum 0.01 = 1 - 0.99 in the
+framework's convention; eps 1e-5), batch size, optimizer and schedule. The CNN runs in
+channels_last memory format. Data live in memory as tensors; epoch-wise `randperm`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _mlp(fan_in, width, depth, out):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width, bias=False), nn.BatchNorm1d(width, eps=1e-5, momentum=0.01), nn.Sigmoid()]
+        fan_in = width
+    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(fan_in, out))
+
+
+def _cnn(channels, width, depth, out, size):
+    layers = []
+    for i in range(depth):
+        c_out = width * 2 ** (i // 2)
+        layers += [nn.Conv2d(channels, c_out, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.01), nn.ReLU()]
+        channels = c_out
+        if i % 2 == 1 and size >= 2:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out))
+
+
+class Loop:
+    """`run(num_steps)` trains in place; `step()` is one optimizer step."""
+
+    def __init__(self, kind, config, x_nhwc: np.ndarray, y: np.ndarray, num_classes: int, threads=2, seed=0):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        m, o = config.model, config.optimizer
+        if kind == "mlp":
+            self.model = _mlp(int(np.prod(x_nhwc.shape[1:])), m.width, m.depth, num_classes)
+            self.x = torch.from_numpy(np.ascontiguousarray(x_nhwc))
+        else:
+            self.model = _cnn(x_nhwc.shape[-1], m.width, m.depth, num_classes, x_nhwc.shape[1])
+            self.model = self.model.to(memory_format=torch.channels_last)
+            nchw = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+            self.x = nchw.contiguous(memory_format=torch.channels_last)
+        self.y = torch.from_numpy(y.astype(np.int64))
+        self.channels_last = kind != "mlp"
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.learning_rate,
+                                   momentum=o.momentum if o.name == "momentum" else 0.0)
+        self.peak, self.cosine, self.total = o.learning_rate, o.schedule == "cosine", config.train.num_steps
+        self.b, self.n, self.t = config.train.batch_size, self.x.shape[0], 0
+        self.per_epoch = self.n // self.b
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def step(self):
+        pos = self.t % self.per_epoch
+        if pos == 0:
+            self.perm = torch.randperm(self.n)
+        idx = self.perm[pos * self.b:(pos + 1) * self.b]
+        xb = self.x[idx]
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if self.cosine:
+            frac = min(self.t, self.total) / self.total
+            for g in self.opt.param_groups:
+                g["lr"] = 0.5 * self.peak * (1 + math.cos(math.pi * frac))
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xb), self.y[idx])
+        loss.backward()
+        self.opt.step()
+        self.t += 1
+        return loss
+
+    def run(self, num_steps):
+        for _ in range(num_steps):
+            loss = self.step()
+        return float(loss.detach())
