@@ -96,24 +96,25 @@ def test_ics_matches_explicit_partial_update(norm):
     names = info["layer_names"]
     out, _ = jax.jit(lambda: ics.measure(config, info, ctx, {}))()
     params, updates = ctx["state"]["params"], ctx["updates"]
+    grad_fn = jax.jit(jax.grad(ctx["loss_fn"], has_aux=True))  # compiled once, called per layer
     for i, name in enumerate(names):
         shifted = jax.tree_util.tree_map(lambda x: x, params)
         for earlier in names[:i]:  # layers before i take their step-t update (all their parameters)
             shifted["layers"][earlier] = jax.tree_util.tree_map(
                 jnp.add, params["layers"][earlier], updates["layers"][earlier])
-        g2, _ = jax.grad(ctx["loss_fn"], has_aux=True)(shifted, ctx["state"]["batch_stats"], ctx["batch"],
-                                                         ctx["noise_key"])
+        g2, _ = grad_fn(shifted, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
         g = np.asarray(common.kernel(ctx["grads"], name), np.float64)
         gp = np.asarray(common.kernel(g2, name), np.float64)
         diff = np.linalg.norm(g - gp)
         cos = np.sum(g * gp) / (np.linalg.norm(g) * np.linalg.norm(gp))
         s = out["scalars"]
-        assert float(s[f"ics/{name}/grad_diff"]) == pytest.approx(diff, rel=1e-3, abs=1e-7), name
+        noise = 1e-5 * np.linalg.norm(g)  # float32 round-off of two differently compiled gradients
+        assert float(s[f"ics/{name}/grad_diff"]) == pytest.approx(diff, rel=1e-3, abs=noise), name
         assert float(s[f"ics/{name}/grad_cos"]) == pytest.approx(cos, rel=1e-5), name
         assert float(s[f"ics/{name}/grad_diff_rel"]) == pytest.approx(diff / np.linalg.norm(g), rel=1e-3,
-                                                                       abs=1e-7)
+                                                                       abs=1e-5)
         if i > 0:
-            assert diff > 0, name  # the earlier layers really moved
+            assert diff > 100 * noise, name  # the earlier layers really moved
     assert float(out["scalars"][f"ics/{names[0]}/grad_diff"]) == 0.0
 
 
@@ -128,11 +129,11 @@ def test_landscape_matches_python_loop():
     params, grads = ctx["state"]["params"], ctx["grads"]
     g_flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads)]).astype(np.float64)
     loss0, _ = ctx["loss_fn"](params, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
+    value_and_grad = jax.jit(jax.value_and_grad(ctx["loss_fn"], has_aux=True))  # compiled once
     losses, diffs = [], []
     for eta in config.probes.landscape.step_sizes:
         theta = jax.tree_util.tree_map(lambda p, g, eta=eta: p - eta * g, params, grads)
-        (loss, _), g_eta = jax.value_and_grad(ctx["loss_fn"], has_aux=True)(
-            theta, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
+        (loss, _), g_eta = value_and_grad(theta, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
         ge = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g_eta)]).astype(np.float64)
         losses.append(float(loss))
         diffs.append(np.linalg.norm(g_flat - ge))
@@ -282,7 +283,7 @@ def test_validate_rejects_bad_probe_settings():
 
 def test_probes_do_not_change_training():
     """The probes only observe: the trajectory with every probe on equals the one without."""
-    on, off = small("noisy_batch"), small("noisy_batch")
+    on, off = small("noisy_batch", **{"model.depth": 2}), small("noisy_batch", **{"model.depth": 2})
     for name in ALL:
         on.probes[name].enabled, on.probes[name].every = True, 3
         off.probes[name].enabled = False
