@@ -282,8 +282,9 @@ def main(argv=None) -> int:
     try:
         fv, rest = _parse([argv[0]] + argv[2:])
         return {"train": cmd_train, "compare": cmd_compare, "sweep": cmd_sweep}[command](fv, rest)
-    except UsageError as e:
-        print(f"bn-research: error: {e}", file=sys.stderr)
+    except UsageError as e:  # one line, even when the offending value holds a newline
+        message = str(e).strip().replace("\r", "\\r").replace("\n", "\\n")
+        print(f"bn-research: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bn-research: interrupted", file=sys.stderr)

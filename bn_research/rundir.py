@@ -129,8 +129,8 @@ def finished_summary(workdir: Path, config_dict: dict) -> dict | None:
     """The summary of a `completed` or `diverged` run of this very config in `workdir`, else
     None. Reads only; lets a rerun of a finished command return before any work."""
     summary = read_summary(workdir)
-    if summary.get("status") not in ("completed", "diverged"):
-        return None
+    if summary.get("status") not in ("completed", "diverged") or summary.get("sha256") != _summary_digest(summary):
+        return None  # not finished, or damaged: resume from the checkpoint, which rewrites it
     try:
         old = json.loads((workdir / CONFIG).read_text())
     except (OSError, ValueError):
@@ -153,13 +153,14 @@ def truncate_metrics(workdir: Path, step: int) -> int:
     Returns the number of rows dropped."""
     path = workdir / METRICS
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return 0
-    lines = text.splitlines(keepends=True)
+    *complete, tail = data.split(b"\n")
+    lines = [line + b"\n" for line in complete] + ([tail] if tail else [])
     keep = []
     for line in lines:
-        if not line.endswith("\n"):
+        if not line.endswith(b"\n"):
             continue  # the last line, cut off by a kill: never complete, drop it
         try:
             row = json.loads(line)
@@ -172,7 +173,7 @@ def truncate_metrics(workdir: Path, step: int) -> int:
     dropped = len(lines) - len(keep)
     if dropped:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
+        with open(tmp, "wb") as f:
             f.writelines(keep)
             f.flush()
             os.fsync(f.fileno())
@@ -234,8 +235,18 @@ class MetricsWriter:
         self._tb.close()
 
 
+def _summary_digest(obj: dict) -> str:
+    import hashlib
+
+    body = {k: v for k, v in obj.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_summary(workdir: Path, summary: dict) -> None:
-    atomic_write_json(workdir / SUMMARY, summary)
+    """summary.json, with the SHA-256 of its content (`sha256`) so a damaged file is noticed."""
+    obj = _jsonable(summary)
+    obj["sha256"] = _summary_digest(obj)
+    atomic_write_json(workdir / SUMMARY, obj)
 
 
 def log(message: str) -> None:

@@ -1,7 +1,8 @@
 """Read run directories into pandas; compare runs in one table.
 
-`load(workdir)` tolerates a run that is still being written or was cut off mid-write:
-a truncated last line of metrics.jsonl is skipped, a missing summary reads as empty.
+`load(workdir)` tolerates a run that is still being written, was cut off mid-write or
+was damaged: lines of metrics.jsonl that do not parse (a truncated last line, garbled
+bytes) are skipped, a missing or unreadable summary or config reads as empty.
 """
 
 from __future__ import annotations
@@ -47,15 +48,15 @@ def read_metrics(path: Path) -> pd.DataFrame:
     parse (a line cut off mid-write) are skipped; rows of one step are merged."""
     rows = []
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             for line in f:
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line)  # bytes: a line that is not UTF-8 fails here and is skipped
                 except ValueError:
                     continue
-                if isinstance(row, dict) and "step" in row:
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
                     rows.append(row)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         pass
     if not rows:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
