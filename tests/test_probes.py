@@ -338,3 +338,10 @@ def test_every_probe_end_to_end(tmp_path):
         np.sqrt(np.mean((v[20] - v[10]) ** 2)), rel=1e-4)
     assert lines[20]["ics/dense_1/probe/act_in_mean_drift_init"] == pytest.approx(
         np.sqrt(np.mean((v[20] - v[1]) ** 2)), rel=1e-4)
+
+
+def test_percentiles_on_a_strided_subsample():
+    a = np.random.default_rng(2).normal(size=(1000, 3)).astype(np.float32)
+    got = drift.percentiles(jnp.asarray(a), max_samples=300)  # stride ceil(1000 / 300) = 4
+    want = np.percentile(a[::4].astype(np.float64), drift.PERCENTILES, axis=0)
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,8 @@ def validate(cfg) -> None:
             raise ValueError(f"probes.{name}.enabled must be true or false, got {p.enabled!r}")
         if int(p.every) < 0:
             raise ValueError(f"probes.{name}.every must be >= 0 (0 = train.log_every), got {p.every}")
+    if int(cfg.drift.percentile_samples) < 0:
+        raise ValueError(f"probes.drift.percentile_samples must be >= 0, got {cfg.drift.percentile_samples}")
     if int(cfg.drift.probe_batch_size) < 0:
         raise ValueError(f"probes.drift.probe_batch_size must be >= 0, got {cfg.drift.probe_batch_size}")
     etas = list(cfg.landscape.step_sizes)
