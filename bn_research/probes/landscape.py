@@ -23,7 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.enabled = False  # len(step_sizes) extra forward/backward passes at each cadence step
     c.every = 0  # cadence in steps; 0 = train.log_every
-    c.step_sizes = [0.05, 0.1, 0.2, 0.4]  # grid of eta along -g (absolute, not times the lr)
+    c.step_sizes = (0.05, 0.1, 0.2, 0.4)  # grid of eta along -g (absolute, not times the lr)
     return c
 
 
