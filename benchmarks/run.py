@@ -305,6 +305,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     reps, quick = args.reps, args.quick
     t_start = time.time()
+    load_start = os.getloadavg()  # other processes on the machine skew every timing; recorded with the results
     try:
         import torch  # noqa: F401
 
@@ -416,7 +417,8 @@ def main(argv=None):
         "depth 10", res["d10"], lambda a, b: a / b, unit="s", note="one repetition")
 
     out = Path(args.out)
-    result = {"machine": machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    host = dict(machine(), load_average_start=load_start, load_average_end=os.getloadavg())
+    result = {"machine": host, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "reps": reps, "quick": quick, "duration_s": time.time() - t_start,
               "matmul_flops_per_s": matmul, "results": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
@@ -439,7 +441,8 @@ def markdown(result) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
         f"optax {m['optax']}, torch {m['torch']}. {result['date_utc']}, {result['reps']} interleaved "
-        f"repetitions, {result['duration_s']:.0f} s in all. Produced by `python benchmarks/run.py`.",
+        f"repetitions, {result['duration_s']:.0f} s in all; 1-min load average {m['load_average_start'][0]:.1f} "
+        f"at the start, {m['load_average_end'][0]:.1f} at the end. Produced by `python benchmarks/run.py`.",
         "",
         "| comparison | A: median (min-max) | B: median (min-max) | unit | ratio | goal | met |",
         "| --- | --- | --- | --- | --- | --- | --- |",

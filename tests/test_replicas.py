@@ -47,6 +47,8 @@ def test_replicas_match_single_runs(tmp_path, arg, seeds, rates):
 def test_replicas_differ_and_aggregate_as_seeds(tmp_path):
     config = tiny(load_config("mlp", "norm=batch"))
     config.replicas.seeds = (0, 1, 2)
+    for name in config.probes:
+        config.probes[name].enabled = False
     workdirs = replicas.default_workdirs(config, tmp_path)
     assert [w.name for w in workdirs] == ["seed0_lr0.5", "seed1_lr0.5", "seed2_lr0.5"]
     replicas.train_replicas(config, workdirs)

@@ -40,6 +40,8 @@ def test_chunk_batches_equal_get_batch(start, k):
 def test_chunk_crossing_epochs_matches_single_steps():
     """K-step scan == K single steps, for chunks that start mid-epoch and span epochs."""
     config = tiny(load_config("mlp", "norm=noisy_batch,train.batch_size=1000"))  # 4 steps per epoch
+    for name in config.probes:  # the step's own state only; probes are covered by test_replicas
+        config.probes[name].enabled = False
     s = train.setup(config)
     chunk = jax.jit(s["fns"].train_chunk, static_argnums=2)
     one = jax.jit(s["fns"].train_step)
