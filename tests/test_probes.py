@@ -242,14 +242,19 @@ def test_angle_is_accurate_for_small_and_large_angles():
 def test_recorder_rows_land_on_the_right_steps(tmp_path):
     config = small("batch")
     rec = probes.Recorder(config, tmp_path, ["dense_0"])
+    fp = probes._fingerprint(config)  # the layouts the traced step would have recorded
+    probes._LAYOUTS[(fp, "growth", "scalars")] = [("grad/dense_0/norm", 1), ("grad/growth_factor", 1)]
+    probes._LAYOUTS[(fp, "weights", "scalars")] = [("weights/dense_0/w_norm", 1)]
+    probes._LAYOUTS[(fp, "drift", "units")] = [("ics/dense_0/train/act_in_mean", 3)]
     host = {"loss": np.zeros(5), "probes/growth/valid": np.array([False, True, False, False, True]),
-            "probes/growth/scalars/grad/dense_0/norm": np.arange(5.0),
+            "probes/growth/scalars": np.stack([np.arange(5.0), -np.arange(5.0)], 1),
             "probes/weights/valid": np.zeros(5, bool),
-            "probes/weights/scalars/weights/dense_0/w_norm": np.ones(5),
+            "probes/weights/scalars": np.ones((5, 1)),
             "probes/drift/valid": np.array([True, False, False, False, False]),
-            "probes/drift/units/ics/dense_0/train/act_in_mean": np.arange(15.0).reshape(5, 3)}
+            "probes/drift/units": np.arange(15.0).reshape(5, 3)}
     rows = rec.record(10, host)
-    assert rows == {7: {"grad/dense_0/norm": 1.0}, 10: {"grad/dense_0/norm": 4.0}}
+    assert rows == {7: {"grad/dense_0/norm": 1.0, "grad/growth_factor": -1.0},
+                    10: {"grad/dense_0/norm": 4.0, "grad/growth_factor": -4.0}}
     df = probes.read_layer_stats(tmp_path)
     assert list(df.columns) == store.COLUMNS
     assert df["step"].tolist() == [6, 6, 6] and df["value"].tolist() == [0.0, 1.0, 2.0]
@@ -345,3 +350,10 @@ def test_percentiles_on_a_strided_subsample():
     got = drift.percentiles(jnp.asarray(a), max_samples=300)  # stride ceil(1000 / 300) = 4
     want = np.percentile(a[::4].astype(np.float64), drift.PERCENTILES, axis=0)
     np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [40, 1000])  # pairwise ranks (n <= PAIRWISE_MAX) and sort
+def test_percentiles_with_ties_match_numpy(n):
+    a = np.random.default_rng(n).integers(0, 5, size=(n, 3)).astype(np.float32)  # many ties
+    got = jax.jit(drift.percentiles)(jnp.asarray(a))
+    np.testing.assert_allclose(np.stack(got), np.percentile(a, drift.PERCENTILES, axis=0), rtol=1e-6)

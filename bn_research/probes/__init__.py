@@ -8,9 +8,11 @@ per step; each enabled probe runs under `lax.cond` at its cadence steps (the fir
 every step whose row number is a multiple of `every`) and emits zeros otherwise, plus a
 validity flag. Per-step outputs land in the metrics dict as
 
-    probes/<name>/valid           bool, True at the probe's cadence steps
-    probes/<name>/scalars/<key>   []    -> metrics.jsonl key <key> (e.g. ics/dense_0/grad_diff)
-    probes/<name>/units/<key>     [U]   -> layer_stats/ (per-unit arrays)
+    probes/<name>/valid     bool, True at the probe's cadence steps
+    probes/<name>/scalars   [S]  packed scalars -> metrics.jsonl keys (e.g. ics/dense_0/grad_diff)
+    probes/<name>/units     [U]  packed per-unit arrays -> layer_stats/
+
+(packed in sorted key order; the layout is recorded when the step is traced)
 
 and the host side `Recorder` turns the valid rows of each fetched chunk into metrics rows
 and per-layer store chunks. Probe state (initial and previous statistics, the fixed probe
@@ -20,8 +22,10 @@ See docs/probes.md for every statistic, its formula and its paper.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -72,6 +76,15 @@ def enabled(config) -> dict[str, int]:
     return out
 
 
+# (config fingerprint, probe, kind) -> [(key, size)]: the order of the packed per-step
+# vectors, filled when the step is traced (always before the first chunk is recorded).
+_LAYOUTS: dict[tuple, list] = {}
+
+
+def _fingerprint(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
 def make_probe_fn(config, graphdef, task):
     """The in-step probe function for `make_step_fns`, or None when no probe is enabled."""
     del task
@@ -79,6 +92,7 @@ def make_probe_fn(config, graphdef, task):
     if not cadence:
         return None
     schedule = weights.make_schedule(config)
+    fingerprint = _fingerprint(config)
 
     def probe_fn(ctx):
         st = ctx["state"]
@@ -99,8 +113,14 @@ def make_probe_fn(config, graphdef, task):
                 res, new_state[name] = common.maybe(pred, run, pstate)
             out[f"probes/{name}/valid"] = pred
             for kind in ("scalars", "units"):
-                for key, v in res[kind].items():
-                    out[f"probes/{name}/{kind}/{key}"] = v
+                # One packed vector per probe and kind: a scan output per key costs more per
+                # step on CPU than the measurement itself. The host unpacks by `_LAYOUTS`.
+                keys = sorted(res[kind])
+                layout = [(k, int(np.prod(res[kind][k].shape))) for k in keys]
+                _LAYOUTS[(fingerprint, name, kind)] = layout
+                if keys:
+                    out[f"probes/{name}/{kind}"] = jnp.concatenate(
+                        [jnp.ravel(res[kind][k]).astype(jnp.float32) for k in keys])
         return out, new_state
 
     return probe_fn
@@ -127,6 +147,7 @@ class Recorder:
         self.workdir = workdir
         self.layer_names = list(layer_names)
         self.cadence = enabled(config)
+        self.fingerprint = _fingerprint(config)
 
     def record(self, end_step: int, host_metrics: dict) -> dict:
         """Rows {step: {key: value}} for metrics.jsonl from one fetched chunk; writes the
@@ -142,18 +163,21 @@ class Recorder:
             if not len(idx):
                 continue
             steps = [int(end_step - k + i + 1) for i in idx]
-            prefix = f"probes/{name}/"
             arrays = {}
-            for key, v in host_metrics.items():
-                if not key.startswith(prefix) or key == prefix + "valid":
+            for kind in ("scalars", "units"):
+                packed = host_metrics.get(f"probes/{name}/{kind}")
+                if packed is None:
                     continue
-                kind, out_key = key[len(prefix):].split("/", 1)
-                v = np.asarray(v)
-                if kind == "scalars":
-                    for s, i in zip(steps, idx, strict=True):
-                        rows[s][out_key] = float(v[i])
-                else:
-                    arrays[_split_unit_key(out_key)] = v[idx].reshape(len(idx), -1)
+                packed = np.asarray(packed)[idx]
+                offset = 0
+                for key, size in _LAYOUTS[(self.fingerprint, name, kind)]:
+                    v = packed[:, offset:offset + size]
+                    offset += size
+                    if kind == "scalars":
+                        for s, value in zip(steps, v[:, 0], strict=True):
+                            rows[s][key] = float(value)
+                    else:
+                        arrays[_split_unit_key(key)] = v
             if arrays:
                 store.write_chunk(self.workdir, end_step, steps, arrays, tag=name)
         return dict(rows)
