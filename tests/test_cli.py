@@ -40,8 +40,8 @@ def test_sweep_writes_one_run_per_point(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--config=configs/mlp.py", "--config.train.num_stepz=5"], "num_stepz"),
-    (["--config=configs/mlp.py", "--config.train.num_steps=abc"], "num_steps"),
+    (["--config=configs/mlp.py", "--config.train.num_stepz=5"], "did you mean 'train.num_steps'?"),
+    (["--config=configs/mlp.py", "--config.train.num_steps=abc"], "'train.num_steps' expects an integer, got 'abc'"),
     (["--config=configs/mlp.py:norm=bogus"], "unknown norm 'bogus'"),
     (["--config=configs/mlp.py", "--config.model.norm=bogus"], "unknown norm 'bogus'"),
     (["--config=configs/mlp.py:dataset=not_a_dataset"], "not_a_dataset"),
