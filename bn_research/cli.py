@@ -185,7 +185,16 @@ def cmd_train(fv, rest):
     if rest:
         raise UsageError(f"unexpected arguments: {' '.join(rest)}")
     config = fv.config
+    from bn_research import replicas
+
     try:
+        if replicas.enabled(config):  # N copies in one compiled program, one run dir each
+            replicas.validate(config)
+            workdirs = replicas.default_workdirs(config, fv.workdir)
+            summaries = replicas.train_replicas(config, workdirs, overwrite=fv.overwrite)
+            for workdir, summary in zip(workdirs, summaries, strict=True):
+                print(f"{workdir.name}: {_status_line(summary)}", flush=True)
+            return max(_exit_code(s) for s in summaries)
         summary = train.train_and_evaluate(config, fv.workdir, overwrite=fv.overwrite)
     except _usage_errors() as e:
         raise UsageError(str(e)) from None

@@ -74,3 +74,12 @@ def test_unknown_command_and_help():
     assert cli("fly").returncode == 2
     r = cli("--help")
     assert r.returncode == 0 and "bn-research train" in r.stdout
+
+
+def test_train_with_replicas_writes_one_run_per_replica(tmp_path):
+    r = cli("train", "--config=configs/mlp.py", f"--workdir={tmp_path}", "--config.replicas.seeds=(0, 1)", *TINY)
+    assert r.returncode == 0, r.stderr
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(dirs) == 2, dirs
+    for d in dirs:
+        assert json.loads((d / "summary.json").read_text())["status"] == "completed"

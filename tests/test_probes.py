@@ -357,3 +357,15 @@ def test_percentiles_with_ties_match_numpy(n):
     a = np.random.default_rng(n).integers(0, 5, size=(n, 3)).astype(np.float32)  # many ties
     got = jax.jit(drift.percentiles)(jnp.asarray(a))
     np.testing.assert_allclose(np.stack(got), np.percentile(a, drift.PERCENTILES, axis=0), rtol=1e-6)
+
+
+def test_store_truncate_drops_chunks_after_step(tmp_path):
+    """On resume from step 20, chunks that end after 20 are removed, earlier ones kept."""
+    import numpy as np
+
+    from bn_research.probes import store
+
+    for end in (10, 20, 30):
+        store.write_chunk(tmp_path, end, [end], {("dense_0", "x"): np.ones((1, 3))}, tag="drift")
+    assert store.truncate(tmp_path, 20) == 1
+    assert sorted(store.read(tmp_path)["step"].unique()) == [10, 20]

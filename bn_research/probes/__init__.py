@@ -182,6 +182,10 @@ class Recorder:
                 store.write_chunk(self.workdir, end_step, steps, arrays, tag=name)
         return dict(rows)
 
+    def truncate(self, step: int) -> None:
+        """On resume from `step`: drop per-unit chunks written after it."""
+        store.truncate(self.workdir, step)
+
     def close(self) -> None:
         pass
 

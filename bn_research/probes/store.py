@@ -39,6 +39,22 @@ def write_chunk(workdir, end_step: int, steps, arrays: dict, tag: str = "") -> P
     return path
 
 
+def truncate(workdir, step: int) -> int:
+    """Remove the chunks that end after `step` (a resumed run writes them again);
+    returns how many were removed."""
+    d = Path(workdir) / DIRNAME
+    removed = 0
+    for path in d.glob("chunk_*.npz") if d.is_dir() else []:
+        try:
+            end = int(path.stem.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if end > step:
+            path.unlink()
+            removed += 1
+    return removed
+
+
 def _read_chunk(path: Path) -> pd.DataFrame | None:
     try:
         with np.load(path, allow_pickle=False) as z:
