@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1000  # total training steps
     c.train.eval_every = 500  # evaluate on the test split every this many steps (and at the end)
     c.train.log_every = 100  # write train metrics every this many steps (and at the end)
-    c.train.steps_per_dispatch = 0  # steps per compiled chunk; 0 = gcd(log_every, eval_every)
+    c.train.steps_per_dispatch = 0  # steps per chunk; 0 = eval_every; made to divide eval_every, checkpoint_every
     c.train.eval_batch_size = 1000  # evaluation batch
     c.train.max_loss = 1e6  # a training loss above this (or non-finite) marks the run diverged
     c.train.checkpoint_every = 1000  # save a checkpoint every this many steps (and at the end); 0 = only at the end

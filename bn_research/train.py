@@ -34,10 +34,11 @@ from bn_research import checkpoint, config_lib, data, models, optim, probes, run
 
 
 def chunk_length(config) -> int:
-    """Steps per dispatch: `train.steps_per_dispatch`, or gcd(log_every, eval_every); then
-    reduced to divide `train.checkpoint_every`, so every checkpoint falls on a chunk end."""
+    """Steps per dispatch: `train.steps_per_dispatch`, or `eval_every` (log rows inside a
+    chunk are cut from its per-step metrics on the host); then reduced to divide
+    `train.checkpoint_every`, so every checkpoint and evaluation falls on a chunk end."""
     t = config.train
-    k = int(t.steps_per_dispatch) or math.gcd(int(t.log_every), int(t.eval_every))
+    k = math.gcd(int(t.steps_per_dispatch) or int(t.eval_every), int(t.eval_every))
     return math.gcd(k, int(t.checkpoint_every)) if t.checkpoint_every else k
 
 
@@ -224,23 +225,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
             writer.write(first, row)
             summary.update(status="diverged", step=first, diverged_at=first, final=dict(last, **row))
             return False
-        window.append({key: v for key, v in host.items() if key in step.BASE_METRICS})
-        scalars = {}
-        if end % t.log_every == 0 or end == num_steps:
-            scalars.update(_window_means(window))
-            window.clear()
-        if eval_metrics is not None:
-            scalars.update({f"eval/{key}": float(v)
-                            for key, v in jax.device_get(eval_metrics).items()})
         rows = recorder.record(end, host)  # {step: {"ics/dense_0/...": value}}
-        rows.setdefault(end, {}).update(scalars)
+        # A chunk may hold several logging windows: slice the per-step train metrics at
+        # every log point inside it; the unfinished tail stays in `window`.
+        base = {key: np.asarray(v) for key, v in host.items() if key in step.BASE_METRICS}
+        n, first_step, pos = len(losses), end - len(losses) + 1, 0
+        for log_step in range(first_step, end + 1):
+            if log_step % t.log_every == 0 or log_step == num_steps:
+                cut = log_step - first_step + 1
+                window.append({key: v[pos:cut] for key, v in base.items()})
+                rows.setdefault(log_step, {}).update(_window_means(window))
+                window.clear()
+                pos = cut
+        if pos < n:
+            window.append({key: v[pos:] for key, v in base.items()})
+        if eval_metrics is not None:
+            rows.setdefault(end, {}).update({f"eval/{key}": float(v)
+                                             for key, v in jax.device_get(eval_metrics).items()})
         for row_step in sorted(rows):
             if rows[row_step]:
                 writer.write(row_step, rows[row_step])
                 last.update(rows[row_step])
         bar.update(end - done)
-        if "train/loss" in scalars:
-            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+        if "train/loss" in last:
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         done = end
         if t_first is None:
             t_first = (time.time(), end)

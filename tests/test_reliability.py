@@ -154,7 +154,8 @@ def test_sigint_in_process_and_resume_from_nothing(tmp_path, monkeypatch, capsys
     after it with a checkpoint, exit code 130; the resume matches an uninterrupted run.
     Then: a run killed before its first checkpoint (only config, partial metrics and
     events on disk) restarts from step 0 and also matches."""
-    args = ["bn-research", "train", f"--config={ROOT / 'configs/mlp.py'}:width=16,norm=noisy_batch", *SMALL]
+    args = ["bn-research", "train", f"--config={ROOT / 'configs/mlp.py'}:width=16,norm=noisy_batch", *SMALL,
+            "--config.train.steps_per_dispatch=20"]
     assert cli.main([*args, f"--workdir={tmp_path / 'ref'}"]) == 0
     write = rundir.MetricsWriter.write
 
@@ -296,4 +297,6 @@ def test_chunk_length_divides_checkpoint_every():
     config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 50, 100, 30
     assert train.chunk_length(config) == 10
     config.train.checkpoint_every = 0
-    assert train.chunk_length(config) == 50
+    assert train.chunk_length(config) == 100  # eval_every; log rows are cut on the host
+    config.train.steps_per_dispatch = 40
+    assert train.chunk_length(config) == 20  # made to divide eval_every

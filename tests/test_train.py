@@ -119,3 +119,19 @@ def test_runs_load_and_compare(tmp_path, mlp_config):
     table = runs.compare([tmp_path / "s0", tmp_path / "s1"])
     assert len(table) == 1 and table["seeds"][0] == 2
     assert "eval/accuracy std" in table.columns
+
+
+def test_log_rows_inside_a_chunk_match_one_chunk_per_log_step(tmp_path):
+    """A 100-step chunk with log_every=10 writes the same rows as 10-step chunks."""
+    config = tiny(load_config("mlp", "norm=batch"), steps=100)
+    config.train.eval_every = 100
+    train.train_and_evaluate(config, tmp_path / "big")
+    config.train.steps_per_dispatch = 10
+    train.train_and_evaluate(config, tmp_path / "small")
+    big = [json.loads(x) for x in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    small = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in big] == [r["step"] for r in small]
+    for a, b in zip(big, small, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
