@@ -19,7 +19,6 @@ on the machine. Goal (issue 3): drift_every <= 1.10, all_default <= 1.25.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,16 +29,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 
-from bn_research import probes, step, train  # noqa: E402
+from bn_research import config_lib, probes, step, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.from_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 def variant_config(model: str, variant: str):

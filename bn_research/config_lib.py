@@ -13,6 +13,13 @@ import ml_collections
 
 from bn_research import norms, probes
 
+# Short keys of the config files' `key=value,...` argument.
+ALIASES = {
+    "norm": "model.norm", "depth": "model.depth", "width": "model.width",
+    "activation": "model.activation", "dataset": "dataset.name",
+    "steps": "train.num_steps", "lr": "optimizer.learning_rate", "seed": "seed",
+}
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is one line naming the problem and the fix."""

@@ -162,16 +162,21 @@ class MeanOnlyBatchNorm(nnx.Module):
         return x - mean + self.bias.value
 
 
+def _init_affine(module, num_features, cfg):
+    """epsilon, affine and (if affine) gamma = 1, beta = 0 of a per-example normalizer."""
+    module.epsilon = float(cfg.epsilon)
+    module.affine = bool(cfg.affine)
+    if module.affine:
+        module.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        module.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+
 class LayerNorm(nnx.Module):
     """Layer normalization (Ba et al. 2016): statistics over all non-batch axes, per example."""
 
     def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
         del rngs
-        self.epsilon = float(cfg.epsilon)
-        self.affine = bool(cfg.affine)
-        if self.affine:
-            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        _init_affine(self, num_features, cfg)
 
     def __call__(self, x, *, train: bool, rng=None):
         axes = tuple(range(1, x.ndim))
@@ -195,11 +200,7 @@ class GroupNorm(nnx.Module):
                 f"norm.num_groups={self.groups} does not divide a layer width of "
                 f"{num_features}; pick a divisor of every layer width"
             )
-        self.epsilon = float(cfg.epsilon)
-        self.affine = bool(cfg.affine)
-        if self.affine:
-            self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-            self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        _init_affine(self, num_features, cfg)
 
     def __call__(self, x, *, train: bool, rng=None):
         c = x.shape[-1]

@@ -10,12 +10,6 @@ Argument keys: norm, depth, width, activation, dataset, steps, lr, seed (or any 
 
 from bn_research import config_lib
 
-ALIASES = {
-    "norm": "model.norm", "depth": "model.depth", "width": "model.width",
-    "activation": "model.activation", "dataset": "dataset.name",
-    "steps": "train.num_steps", "lr": "optimizer.learning_rate", "seed": "seed",
-}
-
 
 def get_config(arg=None):
     c = config_lib.base_config()
@@ -33,4 +27,4 @@ def get_config(arg=None):
     c.train.eval_every = 250  # test accuracy every 250 steps
     c.train.log_every = 50  # training loss every 50 steps
     c.norm.num_groups = 4  # group norm: divides every width (16, 32)
-    return config_lib.apply_arg(c, arg, ALIASES)
+    return config_lib.apply_arg(c, arg, config_lib.ALIASES)

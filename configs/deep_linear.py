@@ -10,11 +10,6 @@ Argument keys: norm, depth, width, steps, lr, seed (or any dotted key).
 
 from bn_research import config_lib
 
-ALIASES = {
-    "norm": "model.norm", "depth": "model.depth", "width": "model.width",
-    "steps": "train.num_steps", "lr": "optimizer.learning_rate", "seed": "seed",
-}
-
 
 def get_config(arg=None):
     c = config_lib.base_config()
@@ -33,4 +28,4 @@ def get_config(arg=None):
     c.train.num_steps = 2000  # about 60 epochs of 4,096 examples
     c.train.eval_every = 500  # test loss every 500 steps
     c.train.log_every = 100  # training loss every 100 steps
-    return config_lib.apply_arg(c, arg, ALIASES)
+    return config_lib.apply_arg(c, arg, config_lib.ALIASES)

@@ -11,12 +11,6 @@ Argument keys: norm, depth, width, activation, dataset, steps, lr, seed (or any 
 
 from bn_research import config_lib
 
-ALIASES = {
-    "norm": "model.norm", "depth": "model.depth", "width": "model.width",
-    "activation": "model.activation", "dataset": "dataset.name",
-    "steps": "train.num_steps", "lr": "optimizer.learning_rate", "seed": "seed",
-}
-
 
 def get_config(arg=None):
     c = config_lib.base_config()
@@ -32,4 +26,4 @@ def get_config(arg=None):
     c.train.num_steps = 3000  # 45 epochs of the 4,000 training digits
     c.train.eval_every = 500  # test accuracy every 500 steps
     c.train.log_every = 100  # training loss every 100 steps
-    return config_lib.apply_arg(c, arg, ALIASES)
+    return config_lib.apply_arg(c, arg, config_lib.ALIASES)
