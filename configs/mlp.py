@@ -3,9 +3,9 @@ sigmoid units, batch 60, SGD; batch norm (or another variant) on every hidden la
 
     bn-research train --config configs/mlp.py:norm=batch --workdir runs/mlp_bn
 
-Runtime: about a minute on a 2-core CPU for the default 3,000 steps. Expected result:
-with `norm=batch` the test accuracy on the embedded MNIST digits passes 90% within the
-first few hundred steps; with `norm=none` it lags behind at the same learning rate.
+Runtime: about 10 s on a 2-core CPU for the default 3,000 steps. Expected result:
+with `norm=batch` 93% test accuracy on the embedded MNIST digits (86% already at step
+300); with `norm=none` 38% at step 300 and 93% at the end.
 Argument keys: norm, depth, width, activation, dataset, steps, lr, seed (or any dotted key).
 """
 
