@@ -21,6 +21,11 @@ def tfds():
 
     tf.config.set_visible_devices([], "GPU")
     tf.get_logger().setLevel("ERROR")
+    import logging
+
+    # tfds logs through absl (e.g. "Variant folder ... has no dataset_info.json" after a
+    # failed download): keep its warnings off the user's one-line error.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     import tensorflow_datasets
 
     tensorflow_datasets.disable_progress_bar()  # the embedded datasets build in about a second
