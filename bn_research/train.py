@@ -151,6 +151,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
     """
     workdir = Path(workdir)
     config_lib.validate(config)
+    from bn_research import replicas
+
+    if replicas.enabled(config):
+        raise config_lib.ConfigError(
+            "config.replicas is set: train it with replicas.train_replicas(config, workdirs) "
+            "or `bn-research train`, or clear replicas.seeds and replicas.learning_rates"
+        )
     config_dict = config.to_dict()
     finished = None if overwrite else rundir.finished_summary(workdir, config_dict)
     if finished is not None:

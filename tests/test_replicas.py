@@ -71,3 +71,16 @@ def test_replica_config_errors():
     config.replicas.learning_rates = (0.1, -1.0)
     with pytest.raises(Exception, match="learning_rates must be > 0"):
         replicas.validate(config)
+
+
+def test_train_and_evaluate_refuses_a_replica_config(tmp_path):
+    import pytest
+
+    from bn_research import config_lib, train
+    from tests.conftest import load_config, tiny
+
+    config = tiny(load_config("mlp"))
+    config.replicas.seeds = (0, 1)
+    with pytest.raises(config_lib.ConfigError, match="replicas"):
+        train.train_and_evaluate(config, tmp_path)
+    assert not any(tmp_path.iterdir())
