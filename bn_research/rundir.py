@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from importlib import metadata
@@ -108,8 +109,6 @@ def prepare(workdir: Path, config_dict: dict, *, overwrite: bool) -> bool:
         if not resume:
             for p in found:
                 if p.is_dir():
-                    import shutil
-
                     shutil.rmtree(p)
                 else:
                     p.unlink()

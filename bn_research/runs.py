@@ -36,9 +36,7 @@ class Run:
 def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable or cut off mid-write
         return {}
     return obj if isinstance(obj, dict) else {}
 

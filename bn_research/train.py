@@ -237,13 +237,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         # every log point inside it; the unfinished tail stays in `window`.
         base = {key: np.asarray(v) for key, v in host.items() if key in step.BASE_METRICS}
         n, first_step, pos = len(losses), end - len(losses) + 1, 0
-        for log_step in range(first_step, end + 1):
-            if log_step % t.log_every == 0 or log_step == num_steps:
-                cut = log_step - first_step + 1
-                window.append({key: v[pos:cut] for key, v in base.items()})
-                rows.setdefault(log_step, {}).update(_window_means(window))
-                window.clear()
-                pos = cut
+        log_steps = list(range(-(-first_step // t.log_every) * t.log_every, end + 1, t.log_every))
+        if end == num_steps and num_steps not in log_steps:
+            log_steps.append(num_steps)
+        for log_step in log_steps:
+            cut = log_step - first_step + 1
+            window.append({key: v[pos:cut] for key, v in base.items()})
+            rows.setdefault(log_step, {}).update(_window_means(window))
+            window.clear()
+            pos = cut
         if pos < n:
             window.append({key: v[pos:] for key, v in base.items()})
         if eval_metrics is not None:

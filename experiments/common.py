@@ -35,13 +35,7 @@ def config(file: str, arg: str = "", **overrides):
     """A config file's config with dotted-key overrides (`train__num_steps=10` style keys
     are not used: pass {'train.num_steps': 10} through `**{...}`)."""
     c = config_lib.from_file(ROOT / "configs" / file, arg or None)
-    with c.unlocked():
-        for key, value in overrides.items():
-            node = c
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+    c.update_from_flattened_dict(overrides)  # existing keys only: a typo raises
     return c
 
 
