@@ -1,4 +1,4 @@
-"""`bn-research train | compare | sweep` (also `python -m bn_research`).
+"""`bn-research train | compare | sweep | reproduce` (also `python -m bn_research`).
 
 The only module that defines flags. Usage errors (unknown config keys, wrong types,
 unknown variants, datasets or models, a workdir holding another run) print one line
@@ -20,9 +20,10 @@ USAGE = """usage:
   bn-research train   --config configs/mlp.py:norm=batch --workdir runs/mlp_bn [--config.a.b=v ...] [--overwrite]
   bn-research compare RUN_DIR [RUN_DIR ...] [--plot out.png] [--metric eval/accuracy]
   bn-research sweep   --config configs/mlp.py --workdir runs/sweep --sweep model.norm=batch,none [--sweep seed=0,1]
+  bn-research reproduce [--quick] [NAME ...]   (run experiments/, write experiments/results/claims.json)
 """
 
-COMMANDS = ("train", "compare", "sweep")
+COMMANDS = ("train", "compare", "sweep", "reproduce")
 
 
 class UsageError(Exception):
@@ -277,6 +278,30 @@ def cmd_compare(fv, rest):
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    """Delegates to experiments/reproduce.py of the source checkout this package runs from."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
+    if not script.exists():
+        print(f"bn-research: error: reproduce needs the source checkout (no {script}); clone the repository "
+              "and install it with `pip install -e .`", file=sys.stderr)
+        return 2
+    root = str(script.parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import matplotlib
+
+    matplotlib.use("Agg")  # the CLI, not the library, picks a non-interactive backend
+    from experiments import reproduce
+
+    try:
+        return reproduce.main(list(args))
+    except KeyboardInterrupt:
+        print("bn-research: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -288,6 +313,8 @@ def main(argv=None) -> int:
         print(f"bn-research: error: unknown command '{command}'; choose one of: "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command == "reproduce":
+        return cmd_reproduce(argv[2:])
     try:
         fv, rest = _parse([argv[0]] + argv[2:])
         return {"train": cmd_train, "compare": cmd_compare, "sweep": cmd_sweep}[command](fv, rest)

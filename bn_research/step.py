@@ -25,7 +25,7 @@ from flax import nnx
 
 TrainState = dict[str, Any]
 
-# Per-step metrics every run returns; probes add namespaced keys ("ics/dense_0/...").
+# Per-step metrics every run returns; probes add namespaced keys ("dist/dense_0/...", "ics/dense_0/...").
 BASE_METRICS = ("loss", "accuracy", "grad_norm")
 
 # Stream tags folded into the seed key so that data order and noise never share keys.

@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
             writer.write(first, row)
             summary.update(status="diverged", step=first, diverged_at=first, final=dict(last, **row))
             return False
-        rows = recorder.record(end, host)  # {step: {"ics/dense_0/...": value}}
+        rows = recorder.record(end, host)  # {step: {"dist/dense_0/...": value}}
         # A chunk may hold several logging windows: slice the per-step train metrics at
         # every log point inside it; the unfinished tail stays in `window`.
         base = {key: np.asarray(v) for key, v in host.items() if key in step.BASE_METRICS}

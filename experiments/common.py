@@ -1,18 +1,33 @@
-"""Shared helpers of the experiment scripts: run (or reuse) a config, write the report.
+"""Shared helpers of the experiment scripts: run (or reuse) a config over seeds, state
+claims with their criteria, write the report.
 
-Each script reproduces one published claim with one command, writes its runs under
-`runs/experiments/<name>/`, and its figure and markdown table under
-`experiments/results/<name>.{png,md}`. Rerunning reuses finished runs.
+Each script reproduces published claims with one command, writes its runs under
+`runs/experiments/<name>/`, its figure and markdown table under
+`experiments/results/<name>.{png,md}`, and its verdicts to `<workdir>/claims.json`
+(and `<results>/<name>.claims.json`). Rerunning reuses finished runs.
+
+A claim is declared at module level, before anything runs, as a `Claim`: its sentence, the
+metric, the expected value or direction and the criterion that decides `holds` (a `Rule`
+on the per-seed values of the metric). `Claim.verdict(values, note)` only measures:
+
+    GROWTH = Claim("yang_bn_relu_rate", "Yang et al. 2019", "...", "interior growth factor",
+                   expected=math.pi / (math.pi - 1), rule=within(0.05))
+    claims = [GROWTH.verdict(per_seed_factors, note="...")]
+    common.write_claims(NAME, args, claims)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -22,13 +37,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
-def parse_args(name: str, doc: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+def parse_args(name: str, doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The common flags of every experiment script; `argv` None reads sys.argv."""
+    p = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=doc.splitlines()[0])
     p.add_argument("--workdir", default=str(ROOT / "runs" / "experiments" / name),
-                   help="where the runs go (default runs/experiments/%(default)s)")
-    p.add_argument("--quick", action="store_true", help="a short version for smoke tests")
-    p.add_argument("--results", default=str(RESULTS), help="where the figure and table go")
-    return p.parse_args()
+                   help="where the runs and claims.json go (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a short version for smoke tests (same claims, tiny runs)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (at least 3; default %(default)s)")
+    p.add_argument("--results", default=None,
+                   help="where the figure, table and claims go (default experiments/results, "
+                        "or <workdir>/results with --quick)")
+    args = p.parse_args(argv)
+    if args.seeds < 3:
+        p.error(f"--seeds must be at least 3 for a confidence interval over seeds, got {args.seeds}")
+    if args.results is None:
+        args.results = str(Path(args.workdir) / "results") if args.quick else str(RESULTS)
+    args.name = name
+    return args
+
+
+def seeds(args) -> list[int]:
+    """The seeds of every arm: 0 .. --seeds - 1."""
+    return list(range(args.seeds))
 
 
 def config(file: str, arg: str = "", **overrides):
@@ -42,18 +72,45 @@ def config(file: str, arg: str = "", **overrides):
 def run(c, workdir: Path) -> runs.Run:
     """Train `c` into `workdir` unless a finished run of the same config is there."""
     workdir = Path(workdir)
-    summary_path = workdir / "summary.json"
-    if summary_path.exists():
-        try:
-            done = json.loads(summary_path.read_text())
-            same = json.loads((workdir / "config.json").read_text()) == c.to_dict()
-        except (OSError, ValueError):
-            done, same = {}, False
-        if same and done.get("status") in ("completed", "diverged"):
-            print(f"reusing {workdir}", file=sys.stderr)
-            return runs.load(workdir)
+    if _finished(c, workdir):
+        print(f"reusing {workdir}", file=sys.stderr)
+        return runs.load(workdir)
     train.train_and_evaluate(c, workdir, overwrite=True)
     return runs.load(workdir)
+
+
+def run_seeds(c, workdir, seed_list: Sequence[int]) -> list[runs.Run]:
+    """Train `c` once per seed (as vectorized replicas: one compiled program for all seeds)
+    into `workdir/seed=<s>`, reusing the finished runs of the same config."""
+    from bn_research import replicas
+
+    workdir = Path(workdir)
+    dirs = [workdir / f"seed={s}" for s in seed_list]
+    singles = []
+    for s in seed_list:
+        one = ml_collections_copy(c)
+        one.seed = int(s)
+        singles.append(one)
+    if all(_finished(one, d) for one, d in zip(singles, dirs, strict=True)):
+        print(f"reusing {workdir}/seed=*", file=sys.stderr)
+        return [runs.load(d) for d in dirs]
+    multi = ml_collections_copy(c)
+    multi.replicas.seeds = tuple(int(s) for s in seed_list)
+    replicas.train_replicas(multi, dirs, overwrite=True)
+    return [runs.load(d) for d in dirs]
+
+
+def ml_collections_copy(c):
+    return c.copy_and_resolve_references()
+
+
+def _finished(c, workdir: Path) -> bool:
+    try:
+        done = json.loads((workdir / "summary.json").read_text())
+        same = json.loads((workdir / "config.json").read_text()) == c.to_dict()
+    except (OSError, ValueError):
+        return False
+    return same and done.get("status") in ("completed", "diverged")
 
 
 def last(run: runs.Run, key: str) -> float:
@@ -85,3 +142,150 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Claims: statistics over seeds, criteria fixed before the run, claims.json
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values: Sequence[float]) -> dict:
+    """{mean, ci95: [lo, hi], n} of per-seed values: mean +- t_{0.975, n-1} * s / sqrt(n).
+
+    Non-finite values (a diverged seed's metric) make the mean and interval non-finite:
+    they are reported, never dropped. n = 1 gives an infinite interval.
+    """
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    n = int(v.size)
+    if n == 0:
+        raise ValueError("ci95 needs at least one value")
+    mean = float(v.mean())
+    if n == 1:
+        return {"mean": mean, "ci95": [-math.inf, math.inf], "n": 1}
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+    half = float(t * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How `holds` is decided from {mean, ci95, n}; `text` is the criterion as written."""
+    text: str
+    test: Callable[[dict], bool]
+
+
+def above(x: float) -> Rule:
+    """The whole 95% interval lies above x."""
+    return Rule(f"95% CI lower bound > {x:g}", lambda m: m["ci95"][0] > x)
+
+
+def below(x: float) -> Rule:
+    """The whole 95% interval lies below x."""
+    return Rule(f"95% CI upper bound < {x:g}", lambda m: m["ci95"][1] < x)
+
+
+def within(rel: float) -> Rule:
+    """The mean is within a relative tolerance of the expected value (set by the Claim)."""
+    return Rule(f"|mean / expected - 1| <= {rel:g}", lambda m, rel=rel: abs(m["mean"] / m["expected"] - 1) <= rel)
+
+
+def between(lo: float, hi: float) -> Rule:
+    """The whole 95% interval lies inside [lo, hi]."""
+    return Rule(f"95% CI inside [{lo:g}, {hi:g}]", lambda m: lo <= m["ci95"][0] and m["ci95"][1] <= hi)
+
+
+def all_of(*rules: Rule) -> Rule:
+    return Rule(" and ".join(r.text for r in rules), lambda m: all(r.test(m) for r in rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A claim and its criterion, declared before anything runs."""
+    id: str
+    paper: str
+    claim: str  # one sentence
+    metric: str  # what the per-seed values are
+    expected: float | str  # a number where theory gives one, else the direction
+    rule: Rule
+
+    def verdict(self, values: Sequence[float], note: str = "", experiment: str = "") -> dict:
+        measured = ci95(values)
+        finite = all(math.isfinite(x) for x in [measured["mean"], *measured["ci95"]]) or measured["n"] == 1
+        holds = bool(finite and self.rule.test({**measured, "expected": self.expected}))
+        return {"id": self.id, "experiment": experiment, "paper": self.paper, "claim": self.claim,
+                "metric": self.metric, "measured": measured, "values": [float(x) for x in values],
+                "expected": self.expected, "criterion": self.rule.text, "holds": holds, "note": note}
+
+
+CLAIM_KEYS = ("id", "experiment", "paper", "claim", "metric", "measured", "expected", "criterion", "holds", "note")
+
+
+def validate_claim(c: dict) -> None:
+    """Raise ValueError naming the first problem with one claim object."""
+    missing = [k for k in CLAIM_KEYS if k not in c]
+    if missing:
+        raise ValueError(f"claim {c.get('id', '?')} lacks {', '.join(missing)}")
+    m = c["measured"]
+    if set(m) != {"mean", "ci95", "n"} or len(m["ci95"]) != 2:
+        raise ValueError(f"claim {c['id']}: measured must be {{mean, ci95: [lo, hi], n}}, got {m}")
+    if not isinstance(c["holds"], bool):
+        raise ValueError(f"claim {c['id']}: holds must be true or false")
+    if int(m["n"]) < 3:
+        raise ValueError(f"claim {c['id']}: n = {m['n']} seeds; every claim needs at least 3")
+    if not (isinstance(c["expected"], (int, float, str))):
+        raise ValueError(f"claim {c['id']}: expected must be a number or a direction")
+
+
+def _json_safe(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)  # "nan", "inf", "-inf": JSON has no such numbers
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def write_claims(name: str, args, claims: list[dict]) -> Path:
+    """Write `<workdir>/claims.json` and `<results>/<name>.claims.json`; print the verdicts."""
+    out = []
+    for c in claims:
+        c = {**c, "experiment": name}
+        validate_claim(c)
+        out.append(_json_safe(c))
+    text = json.dumps(out, indent=1) + "\n"
+    path = Path(args.workdir) / "claims.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.claims.json").write_text(text)
+    for c in out:
+        m = c["measured"]
+        print(f"[{'holds' if c['holds'] else 'DOES NOT HOLD'}] {c['id']}: {m['mean']:.4g} "
+              f"(95% CI {fmt_num(m['ci95'][0])} .. {fmt_num(m['ci95'][1])}, n={m['n']}); "
+              f"criterion: {c['criterion']}")
+    print(f"wrote {path}")
+    return path
+
+
+def fmt_num(v) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def claims_table(claims: list[dict]) -> list[str]:
+    """Markdown rows of a verdict table."""
+    rows = []
+    for c in claims:
+        m = c["measured"]
+        exp = fmt_num(c["expected"]) if not isinstance(c["expected"], str) else c["expected"]
+        rows.append([c["id"], c["claim"], f"{fmt_num(m['mean'])} [{fmt_num(m['ci95'][0])}, {fmt_num(m['ci95'][1])}]",
+                     str(m["n"]), exp, c["criterion"], "**holds**" if c["holds"] else "**does not hold**"])
+    return table(["claim", "statement", "measured (95% CI)", "n", "expected", "criterion", "verdict"], rows)

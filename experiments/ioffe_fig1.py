@@ -10,7 +10,7 @@ norm and stay put with it.
 Runs configs/mlp.py (3 x 100 sigmoid units, batch 60, SGD lr 0.5) with norm=batch and
 norm=none for 3,000 steps. The `drift` probe records the percentiles on a fixed probe
 batch every 100 steps; the table gives the drift of the unit-averaged percentiles from
-initialization at the end of training (ics/dense_2/probe/act_in_p*_drift_init).
+initialization at the end of training (dist/dense_2/probe/act_in_p*_drift_init).
 """
 
 import matplotlib.pyplot as plt
@@ -40,7 +40,7 @@ def main():
     for ax, norm in zip(axes[1:], ("none", "batch"), strict=True):
         m = runs_[norm].metrics
         for p in PCTS:
-            col = f"ics/dense_2/probe/act_in_{p}"
+            col = f"dist/dense_2/probe/act_in_{p}"
             d = m[["step", col]].dropna()
             ax.plot(d["step"], d[col], label=p)
         ax.set(xlabel="step", ylabel="sigmoid input (mean over units)",
@@ -54,7 +54,7 @@ def main():
         acc = run.metrics[["step", "eval/accuracy"]].dropna()
         early = float(acc["eval/accuracy"].iloc[0])
         rows.append([norm, early, common.last(run, "eval/accuracy")]
-                    + [common.last(run, f"ics/dense_2/probe/act_in_{p}_drift_init") for p in PCTS])
+                    + [common.last(run, f"dist/dense_2/probe/act_in_{p}_drift_init") for p in PCTS])
     lines = [f"configs/mlp.py, {steps} steps; percentiles on the fixed probe batch, layer dense_2.", ""]
     lines += common.table(
         ["norm", f"test acc @ step {steps // 10}", f"test acc @ {steps}"]

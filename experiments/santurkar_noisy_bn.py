@@ -13,7 +13,7 @@ Part A: configs/mlp.py with norm=none, batch, noisy_batch (3,000 steps). Distrib
 instability is the RMS over units of the step-to-step change of the mean and variance of
 the last hidden layer's nonlinearity input on the training batch (the fixed probe batch
 sees one fixed noise draw, so it would hide the injected noise)
-(ics/dense_2/train/act_in_{mean,var}_drift), averaged over training.
+(dist/dense_2/train/act_in_{mean,var}_drift), averaged over training.
 Part B: configs/deep_linear.py (depth 10) with norm=none and batch, the `ics` probe every
 100 steps; layer-averaged ||G - G'||/||G|| and cos(G, G') over training.
 """
@@ -56,8 +56,8 @@ def main():
     for norm, run in part_a.items():
         ev = run.metrics[["step", "eval/accuracy"]].dropna()
         axes[0].plot(ev["step"], ev["eval/accuracy"], marker="o", ms=3, label=norm)
-        d = run.metrics[["step", "ics/dense_2/train/act_in_mean_drift"]].dropna()
-        axes[1].semilogy(d["step"][1:], d["ics/dense_2/train/act_in_mean_drift"][1:], label=norm)
+        d = run.metrics[["step", "dist/dense_2/train/act_in_mean_drift"]].dropna()
+        axes[1].semilogy(d["step"][1:], d["dist/dense_2/train/act_in_mean_drift"][1:], label=norm)
     axes[0].set(xlabel="step", ylabel="test accuracy", title="(A) MLP test accuracy")
     axes[1].set(xlabel="step", ylabel="RMS change of unit means", title="(A) dense_2 input instability")
     for norm, run in part_b.items():
@@ -70,8 +70,8 @@ def main():
     fig.tight_layout()
 
     rows_a = [[norm, float(run.metrics[["eval/accuracy"]].dropna().iloc[0, 0]), common.last(run, "eval/accuracy"),
-               mean_over_training(run, "ics/dense_2/train/act_in_mean_drift"),
-               mean_over_training(run, "ics/dense_2/train/act_in_var_drift")] for norm, run in part_a.items()]
+               mean_over_training(run, "dist/dense_2/train/act_in_mean_drift"),
+               mean_over_training(run, "dist/dense_2/train/act_in_var_drift")] for norm, run in part_a.items()]
     rows_b = []
     for norm, run in part_b.items():
         _, diff = layer_mean(run, 10, "grad_diff_rel")

@@ -78,7 +78,7 @@ def test_drift_outputs_are_rms_changes():
     prev = {"dense_0": {"act_in_mean": jnp.array([1.0, 2.0, 3.0, 0.0])}}
     init = {"dense_0": {"act_in_mean": jnp.array([0.0, 0.0, 0.0, 0.0])}}
     scalars, units = drift.drift_outputs("probe", cur, prev, init)
-    key = "ics/dense_0/probe/act_in_mean"
+    key = "dist/dense_0/probe/act_in_mean"
     assert float(scalars[key]) == pytest.approx(2.5)
     assert float(scalars[key + "_drift"]) == pytest.approx(np.sqrt(16 / 4))
     assert float(scalars[key + "_drift_init"]) == pytest.approx(np.sqrt(30 / 4))
@@ -245,7 +245,7 @@ def test_recorder_rows_land_on_the_right_steps(tmp_path):
     fp = probes._fingerprint(config)  # the layouts the traced step would have recorded
     probes._LAYOUTS[(fp, "growth", "scalars")] = [("grad/dense_0/norm", 1), ("grad/growth_factor", 1)]
     probes._LAYOUTS[(fp, "weights", "scalars")] = [("weights/dense_0/w_norm", 1)]
-    probes._LAYOUTS[(fp, "drift", "units")] = [("ics/dense_0/train/act_in_mean", 3)]
+    probes._LAYOUTS[(fp, "drift", "units")] = [("dist/dense_0/train/act_in_mean", 3)]
     host = {"loss": np.zeros(5), "probes/growth/valid": np.array([False, True, False, False, True]),
             "probes/growth/scalars": np.stack([np.arange(5.0), -np.arange(5.0)], 1),
             "probes/weights/valid": np.zeros(5, bool),
@@ -258,7 +258,7 @@ def test_recorder_rows_land_on_the_right_steps(tmp_path):
     df = probes.read_layer_stats(tmp_path)
     assert list(df.columns) == store.COLUMNS
     assert df["step"].tolist() == [6, 6, 6] and df["value"].tolist() == [0.0, 1.0, 2.0]
-    assert set(df["layer"]) == {"dense_0"} and set(df["stat"]) == {"ics/train/act_in_mean"}
+    assert set(df["layer"]) == {"dense_0"} and set(df["stat"]) == {"dist/train/act_in_mean"}
 
 
 def test_truncated_chunk_is_skipped(tmp_path):
@@ -321,27 +321,27 @@ def test_every_probe_end_to_end(tmp_path):
                      f"weights/{n}/angle", f"weights/{n}/eff_lr", f"weights/{n}/grad_dot_w"]
         for src in drift.SOURCES:
             for stat in drift.STATS:
-                expected += [f"ics/{n}/{src}/{stat}", f"ics/{n}/{src}/{stat}_drift",
-                             f"ics/{n}/{src}/{stat}_drift_init"]
+                expected += [f"dist/{n}/{src}/{stat}", f"dist/{n}/{src}/{stat}_drift",
+                             f"dist/{n}/{src}/{stat}_drift_init"]
     for step_, row in lines.items():
         for key in expected:
             assert key in row, (step_, key)
             assert np.isfinite(row[key]), (step_, key)
-    assert lines[1]["ics/dense_1/probe/act_in_p50_drift_init"] == 0.0
-    assert lines[20]["ics/dense_1/probe/act_in_p50_drift_init"] > 0.0
+    assert lines[1]["dist/dense_1/probe/act_in_p50_drift_init"] == 0.0
+    assert lines[20]["dist/dense_1/probe/act_in_p50_drift_init"] > 0.0
 
     run = runs.load(tmp_path)
     ls = run.layer_stats
     assert list(ls.columns) == store.COLUMNS
     assert sorted(ls["step"].unique()) == [1, 10, 20]
     assert set(ls["layer"]) >= set(names)
-    one = ls[(ls.layer == "dense_1") & (ls.stat == "ics/probe/act_in_mean")]
+    one = ls[(ls.layer == "dense_1") & (ls.stat == "dist/probe/act_in_mean")]
     assert len(one) == 3 * 16 and np.isfinite(one["value"]).all()
     # the logged drift is the RMS change of the stored per-unit values between cadence points
     v = {s: one[one.step == s].sort_values("unit")["value"].to_numpy(np.float64) for s in (1, 10, 20)}
-    assert lines[20]["ics/dense_1/probe/act_in_mean_drift"] == pytest.approx(
+    assert lines[20]["dist/dense_1/probe/act_in_mean_drift"] == pytest.approx(
         np.sqrt(np.mean((v[20] - v[10]) ** 2)), rel=1e-4)
-    assert lines[20]["ics/dense_1/probe/act_in_mean_drift_init"] == pytest.approx(
+    assert lines[20]["dist/dense_1/probe/act_in_mean_drift_init"] == pytest.approx(
         np.sqrt(np.mean((v[20] - v[1]) ** 2)), rel=1e-4)
 
 

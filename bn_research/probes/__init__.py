@@ -134,7 +134,7 @@ def init_state(config, graphdef, train_state, dataset):
 
 
 def _split_unit_key(key: str) -> tuple[str, str]:
-    """'ics/dense_0/train/act_in_mean' -> ('dense_0', 'ics/train/act_in_mean')."""
+    """'dist/dense_0/train/act_in_mean' -> ('dense_0', 'dist/train/act_in_mean')."""
     ns, layer, rest = key.split("/", 2)
     return layer, f"{ns}/{rest}"
 

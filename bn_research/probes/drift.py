@@ -90,7 +90,7 @@ def drift_outputs(src: str, cur: dict, prev: dict, init: dict):
     scalars, units = {}, {}
     for layer, stats in cur.items():
         for stat, v in stats.items():
-            key = f"ics/{layer}/{src}/{stat}"
+            key = f"dist/{layer}/{src}/{stat}"
             scalars[key] = v.mean()
             scalars[key + "_drift"] = common.rms(v - prev[layer][stat])
             scalars[key + "_drift_init"] = common.rms(v - init[layer][stat])

@@ -1,0 +1,148 @@
+"""Run every experiment and gather its claims: `bn-research reproduce [--quick] [NAME ...]`
+(also `python -m experiments`).
+
+Each experiment runs in this process (one JAX import, one compilation cache) with
+`--workdir <root>/<name>`; its `claims.json` is gathered into `<results>/claims.json`, and
+a verdict table (every claim: measured mean and 95% CI over seeds, the criterion fixed in
+the script before the run, holds or not, and the note with the numbers behind it) into
+`<results>/README.md`. An experiment that raises is reported as failed and the others go
+on; the exit code is 1 if any failed.
+
+Full runs write the committed `experiments/results/`; `--quick` (tiny runs, the same
+claims, for smoke tests) writes under `runs/reproduce_quick/` so it never overwrites them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python experiments/reproduce.py` and `bn-research reproduce`
+    sys.path.insert(0, str(ROOT))
+
+from experiments import common  # noqa: E402
+
+# In the order of the literature: the original claim, its critique, the alternatives.
+EXPERIMENTS = (
+    "ioffe_fig1",
+    "santurkar_noisy_bn",
+    "santurkar_gradient_ics",
+    "santurkar_landscape",
+    "yang_gradient_explosion",
+    "weight_norm_decoupling",
+    "bjorck_learning_rate",
+    "kohler_length_direction",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bn-research reproduce", description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"experiments to run (default all: {', '.join(EXPERIMENTS)})")
+    p.add_argument("--quick", action="store_true", help="tiny runs of every experiment (smoke test; minutes)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default %(default)s)")
+    p.add_argument("--workdir", default=None,
+                   help="root of the experiments' runs (default runs/experiments; runs/reproduce_quick with --quick)")
+    p.add_argument("--results", default=None,
+                   help="where claims.json and README.md go (default experiments/results, or <workdir>/results "
+                        "with --quick)")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    if unknown:
+        p.error(f"unknown experiment {unknown[0]!r}; choose from: {', '.join(EXPERIMENTS)}")
+    if args.seeds < 3:
+        p.error(f"--seeds must be at least 3, got {args.seeds}")
+    args.workdir = Path(args.workdir or ROOT / "runs" / ("reproduce_quick" if args.quick else "experiments"))
+    args.results = Path(args.results or (args.workdir / "results" if args.quick else common.RESULTS))
+    return args
+
+
+def run_one(name: str, args) -> dict:
+    """Run one experiment; {name, status, wall_s, claims, error}."""
+    argv = ["--workdir", str(args.workdir / name), "--results", str(args.results), "--seeds", str(args.seeds)]
+    if args.quick:
+        argv.append("--quick")
+    claims_path = args.workdir / name / "claims.json"
+    if claims_path.exists():
+        claims_path.unlink()  # a stale verdict must not stand in for this run's
+    t0 = time.time()
+    print(f"== {name} ({'quick' if args.quick else 'full'})", file=sys.stderr, flush=True)
+    try:
+        importlib.import_module(f"experiments.{name}").main(argv)
+        claims = json.loads(claims_path.read_text())
+        for c in claims:
+            common.validate_claim(c)
+        status, error = "ok", ""
+    except Exception as e:  # one experiment failing must not hide the others' verdicts
+        traceback.print_exc()
+        claims, status, error = [], "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+    wall = time.time() - t0
+    print(f"== {name}: {status} in {wall:.0f} s", file=sys.stderr, flush=True)
+    return {"name": name, "status": status, "wall_s": round(wall, 1), "claims": claims, "error": error}
+
+
+def _versions() -> dict:
+    import jax
+
+    from bn_research import rundir
+
+    return {**rundir.versions(), "python": platform.python_version(), "device_kind": jax.devices()[0].device_kind}
+
+
+def write_readme(path: Path, results: list[dict], total_s: float, quick: bool) -> None:
+    claims = [c for r in results for c in r["claims"]]
+    n_hold = sum(c["holds"] for c in claims)
+    lines = ["# Reproduced claims", "",
+             "Written by `bn-research reproduce" + (" --quick" if quick else "") + "` "
+             f"({len(claims)} claims, {n_hold} hold, {len(claims) - n_hold} do not; "
+             f"total wall time {total_s / 60:.1f} min on this machine). Each criterion was fixed in the "
+             "experiment's script before its run; measured values are means over seeds with 95% "
+             "confidence intervals (Student's t). `claims.json` holds every claim with its per-seed values.", ""]
+    lines += common.claims_table(claims)
+    lines += ["", "| experiment | status | wall time | report |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['status']}{(': ' + r['error']) if r['error'] else ''} | "
+                     f"{r['wall_s']:.0f} s | [{r['name']}.md]({r['name']}.md) |")
+    lines += ["", "## Notes", ""]
+    for c in claims:
+        if c.get("note"):
+            verdict = "holds" if c["holds"] else "does not hold"
+            lines.append(f"- **{c['id']}** ({verdict}): {c['note']}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = args.names or list(EXPERIMENTS)
+    args.results.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = [run_one(name, args) for name in names]
+    total = time.time() - t0
+    out = args.results / "claims.json"
+    if args.names and out.exists():  # a partial rerun updates its experiments, keeps the rest
+        previous = [c for c in json.loads(out.read_text()) if c["experiment"] not in names]
+    else:
+        previous = []
+    claims = previous + [c for r in results for c in r["claims"]]
+    out.write_text(json.dumps(claims, indent=1) + "\n")
+    (args.results / "reproduce_run.json").write_text(json.dumps(
+        {"total_wall_s": round(total, 1), "quick": args.quick, "seeds": args.seeds, "versions": _versions(),
+         "experiments": [{k: r[k] for k in ("name", "status", "wall_s", "error")} for r in results]}, indent=1) + "\n")
+    write_readme(args.results / "README.md",
+                 ([{"name": "(earlier runs)", "status": "ok", "wall_s": 0.0, "claims": previous, "error": ""}]
+                  if previous else []) + results, total, args.quick)
+    n_hold = sum(c["holds"] for c in claims)
+    print(f"{len(claims)} claims: {n_hold} hold, {len(claims) - n_hold} do not; "
+          f"{sum(r['status'] != 'ok' for r in results)} experiments failed; {total:.0f} s; wrote {out}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
