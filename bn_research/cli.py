@@ -123,9 +123,9 @@ def _parse(argv):
     try:
         rest = fv(argv)
     except flags.Error as e:
-        raise UsageError(_override_problem(argv) or _one_line(e)) from None
+        raise UsageError(_config_file_problem(argv, e) or _override_problem(argv) or _one_line(e)) from None
     except Exception as e:  # errors raised while loading the config file or an unknown key
-        raise UsageError(_override_problem(argv) or _one_line(e)) from None
+        raise UsageError(_config_file_problem(argv, e) or _override_problem(argv) or _one_line(e)) from None
     if fv["config"].present:
         try:
             fv.config.keys()  # config_flags defers a load failure to first use: surface it now
@@ -133,8 +133,29 @@ def _parse(argv):
             reason = _one_line(e).split("] ")[-1]
             raise UsageError(f"cannot load config file {_config_path(argv)}: {reason}") from None
         except Exception as e:
-            raise UsageError(_override_problem(argv) or _one_line(e)) from None
+            raise UsageError(_config_file_problem(argv, e) or _override_problem(argv) or _one_line(e)) from None
     return fv, rest[1:]
+
+
+def _config_file_problem(argv, e: BaseException) -> str | None:
+    """When the config file itself raised: its name, the exception type and the line."""
+    import traceback
+    from pathlib import Path
+
+    from bn_research import config_lib
+
+    path = Path(_config_path(argv).split(":", 1)[0])
+    if not path.is_file():
+        return None
+    seen = set()
+    while e is not None and id(e) not in seen:  # absl wraps the config file's exception
+        seen.add(id(e))
+        frames = traceback.extract_tb(e.__traceback__)
+        in_file = any(Path(f.filename).resolve() == path.resolve() for f in frames)
+        if in_file or (isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path.resolve()):
+            return config_lib.config_file_error(path, e)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _config_path(argv) -> str:

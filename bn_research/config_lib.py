@@ -144,6 +144,7 @@ def validate(config) -> None:
         data.check_name(config.dataset.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_finite(config)
     t, o = config.train, config.optimizer
     checks = [
         (o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}"),
@@ -170,6 +171,7 @@ def validate(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_batch_statistics(config)
     from bn_research import optim
 
     try:
@@ -177,6 +179,41 @@ def validate(config) -> None:
         probes.validate(config.probes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+# Variants whose normalizer computes statistics over the batch (over one example they are
+# that example itself: every normalized unit is 0 and its variance is 0).
+BATCH_STAT_NORMS = ("batch", "noisy_batch")
+# Floats that may be infinite on purpose: train.max_loss = inf never marks a run diverged.
+MAY_BE_INFINITE = ("train.max_loss",)
+
+
+def _check_finite(config) -> None:
+    """Every float setting (and every float in a tuple setting) is finite."""
+    import math
+
+    for key in _leaf_paths(config):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                if key in MAY_BE_INFINITE and v == math.inf:
+                    continue
+                raise ConfigError(f"{key} must be a finite number, got {v}")
+
+
+def _check_batch_statistics(config) -> None:
+    """Batch norm over a (ghost) batch of one example is degenerate: a usage error."""
+    norm = config.model.norm
+    uses_batch = norm in BATCH_STAT_NORMS or (norm == "weight" and config.norm.wn_mean_only_bn)
+    per_norm = int(config.norm.virtual_batch_size) or int(config.train.batch_size)
+    if uses_batch and per_norm < 2:
+        which = "norm.virtual_batch_size" if config.norm.virtual_batch_size else "train.batch_size"
+        raise ConfigError(
+            f"model.norm={norm} normalizes over the batch, and {which}={per_norm} gives it one example "
+            "(every normalized unit would be 0); use a batch of at least 2 or model.norm=layer/group/none")
 
 
 def from_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -190,7 +227,29 @@ def from_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"bn_research_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(arg)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(config_file_error(path, e)) from None
     config.lock()
     return config
+
+
+def config_file_error(path, e: BaseException) -> str:
+    """One line naming the config file, the exception type, its line in that file and the message."""
+    import traceback
+    from pathlib import Path
+
+    path = Path(path).resolve()
+    line = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if Path(frame.filename).resolve() == path:
+            line = frame.lineno
+    if line is None and isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path:
+        line = e.lineno
+    where = f"{path.name}:{line}" if line else path.name
+    message = " ".join(str(e).split()) or "(no message)"
+    return f"config file {where} raised {type(e).__name__}: {message}"
