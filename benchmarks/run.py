@@ -149,15 +149,17 @@ def bare_scan(kind, config, dataset, steps, k):
     jax.block_until_ready(loss)
     holder["state"] = state
 
+    n_chunks = max(1, steps // k)
+
     def run():
         def go():
             st = holder["state"]
-            for _ in range(steps // k):
+            for _ in range(n_chunks):
                 st, loss = chunk(st, x, y, idx.chunk(k))
             jax.block_until_ready(loss)
             holder["state"] = st
 
-        return timed_rate(go, steps // k * k)
+        return timed_rate(go, n_chunks * k)
 
     return run
 
@@ -181,25 +183,27 @@ def dispatch_variants(config, dataset, steps, k):
     holder = {"a": chunk(copy(s["state"]), d, k)[0], "b": one(copy(s["state"]), d)[0]}
     jax.block_until_ready(holder)
 
+    n_chunks = max(1, steps // k)  # at least one whole chunk, also for `--quick` step counts below k
+
     def scanned():
         def go():
             st = holder["a"]
-            for _ in range(steps // k):
+            for _ in range(n_chunks):
                 st, m = chunk(st, d, k)
             jax.block_until_ready(m)
             holder["a"] = st
 
-        return timed_rate(go, steps // k * k)
+        return timed_rate(go, n_chunks * k)
 
     def single():
         def go():
             st = holder["b"]
-            for _ in range(steps // k * k):
+            for _ in range(n_chunks * k):
                 st, m = one(st, d)
             jax.block_until_ready(m)
             holder["b"] = st
 
-        return timed_rate(go, steps // k * k)
+        return timed_rate(go, n_chunks * k)
 
     return scanned, single, s
 
@@ -303,6 +307,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(HERE))
     args = p.parse_args(argv)
+    out = Path(args.out)
+    try:  # checked before the run, not after it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        p.error(f"--out {out} is not a writable directory ({e.strerror or e})")
     reps, quick = args.reps, args.quick
     t_start = time.time()
     load_start = os.getloadavg()  # other processes on the machine skew every timing; recorded with the results
@@ -416,7 +427,6 @@ def main(argv=None):
     add("compile", "compile depth 100 / depth 10, unrolled layers (time ratio)", "depth 100", res["d100"],
         "depth 10", res["d10"], lambda a, b: a / b, unit="s", note="one repetition")
 
-    out = Path(args.out)
     host = dict(machine(), load_average_start=load_start, load_average_end=os.getloadavg())
     result = {"machine": host, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "reps": reps, "quick": quick, "duration_s": time.time() - t_start,
