@@ -161,15 +161,18 @@ def test_fit_slope_is_least_squares():
 def test_growth_rate_on_scaled_orthogonal_linear_net():
     """Deep linear net with W_l = s_l Q_l (Q_l orthogonal, s_l = e^{a l}): the kernel
     gradient of layer l is (prod_{j != l} s_j) P_l^T X^T D R_l with P_l, R_l norm-preserving,
-    so log ||g_l||^2 = const - 2 a l exactly: slope -2a, growth factor e^{2a}."""
+    so log ||g_l||^2 = const - 2 a l exactly: slope -2a, growth factor e^{2a}. The first and
+    last layers get extra scales k_0, k_L (moving their own gradients off the line by 1/k):
+    the fit over the interior layers 1..L-2 must not see them."""
     a, depth, width, d_in = 0.3, 6, 16, 12
+    extra = {0: 3.0, depth - 1: 0.5}
     config = load_config("deep_linear", f"depth={depth},width={width}")
     model = models.build(config, (d_in,), 5, seed=0)
     rng = np.random.default_rng(1)
     for i, name in enumerate(model.layer_names()):
         q, _ = np.linalg.qr(rng.normal(size=(width, width)))
         q = q[:d_in] if i == 0 else q  # first layer: orthonormal rows
-        model.layers[name].linear.kernel.value = jnp.asarray(np.exp(a * i) * q, jnp.float32)
+        model.layers[name].linear.kernel.value = jnp.asarray(extra.get(i, 1.0) * np.exp(a * i) * q, jnp.float32)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     x = jnp.asarray(rng.normal(size=(8, d_in)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
@@ -185,8 +188,10 @@ def test_growth_rate_on_scaled_orthogonal_linear_net():
     s = out["scalars"]
     assert float(s["grad/log_sq_norm_slope"]) == pytest.approx(-2 * a, rel=1e-4)
     assert float(s["grad/growth_factor"]) == pytest.approx(np.exp(2 * a), rel=1e-4)
-    norms = [float(s[f"grad/dense_{i}/norm"]) for i in range(depth)]
-    np.testing.assert_allclose(np.array(norms[:-1]) / np.array(norms[1:]), np.exp(a), rtol=1e-4)
+    norms = np.array([float(s[f"grad/dense_{i}/norm"]) for i in range(depth)])
+    np.testing.assert_allclose(norms[1:-2] / norms[2:-1], np.exp(a), rtol=1e-4)
+    np.testing.assert_allclose(norms[0] / norms[1], np.exp(a) / 3.0, rtol=1e-4)  # off the line: 1 / k_0
+    np.testing.assert_allclose(norms[-2] / norms[-1], np.exp(a) * 0.5, rtol=1e-4)  # 1 / k_L
 
 
 # --------------------------------------------------------------------- length-direction

@@ -3,8 +3,11 @@ normalization"): per-layer gradient norms and the fitted per-layer growth rate.
 
 Yang et al. show that in a batch-normalized network at initialization the squared
 gradient norm of layer l grows geometrically towards the input, ||g_l||^2 ~ C lambda^(L-l).
-We fit log ||g_l||^2 = a + b l by least squares over the hidden layers l = 0..L-1 and
-report the slope b and the growth factor per layer towards the input, exp(-b).
+We fit log ||g_l||^2 = a + b l by least squares over the interior hidden layers
+l = 1..L-2 and report the slope b and the growth factor per layer towards the input,
+exp(-b). The first layer (which sees the raw input, not the normalized activations of a
+layer before it) and the last (next to the head) sit off the geometric law, so they are
+left out; with fewer than 4 hidden layers the fit uses all of them.
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ def layer_grad_norms(grads, names):
     return jnp.stack([common.norm(common.kernel(grads, n)) for n in names])
 
 
+def interior(values):
+    """Layers 1..L-2 of a per-layer vector (all layers when L < 4)."""
+    return values[1:-1] if values.shape[0] >= 4 else values
+
+
 def fit_slope(sq_norms):
-    """Least-squares slope of log(sq_norms[l]) against l (closed form, in jit)."""
+    """Least-squares slope of log(sq_norms[l]) against l (closed form, in jit); the
+    caller picks the layers (consecutive ones: the slope is per layer)."""
     y = jnp.log(sq_norms)
     x = jnp.arange(y.shape[0], dtype=y.dtype)
     xc = x - x.mean()
@@ -45,7 +54,7 @@ def measure(config, info, ctx, pstate):
     names = info["layer_names"]
     norms = layer_grad_norms(ctx["grads"], names)
     init_norms = jnp.where(ctx["state"]["step"] == 0, norms, pstate["init"])
-    slope = fit_slope(jnp.square(norms))
+    slope = fit_slope(jnp.square(interior(norms)))  # interior layers only
     scalars = {"grad/log_sq_norm_slope": slope, "grad/growth_factor": jnp.exp(-slope)}
     for i, n in enumerate(names):
         scalars[f"grad/{n}/norm"] = norms[i]
