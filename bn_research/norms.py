@@ -28,9 +28,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.affine = True  # learn gamma (scale) and beta (shift) after normalizing
     c.placement = "before"  # 'before' the activation (Ioffe & Szegedy 2015) or 'after' it
     c.virtual_batch_size = 0  # ghost batch norm: statistics over sub-batches of this size; 0 = whole batch
-    c.noise_mean = 0.5  # noisy_batch: shift m ~ U(-noise_mean, noise_mean)
-    c.noise_scale = 1.5  # noisy_batch: scale s ~ U(1, noise_scale)
-    c.noise_per_example = True  # noisy_batch: fresh (s, m) per example and unit (else per unit)
+    c.noise_n_mu = 0.5  # noisy_*: per-step, per-unit mean mu^t ~ U(-n_mu, n_mu) (Santurkar et al. 2018, Alg. 1)
+    c.noise_n_sigma = 1.25  # noisy_*: per-step, per-unit scale sigma^t ~ U(1, n_sigma)
+    c.noise_r_mu = 0.1  # noisy_*: per-element shift m ~ U(mu^t - r_mu, mu^t + r_mu)
+    c.noise_r_sigma = 0.1  # noisy_*: per-element scale s ~ N(sigma^t, r_sigma)
+    c.noise_r_sigma_is = "std"  # noisy_*: r_sigma read as the normal's 'std' or 'variance' (paper: unstated)
+    c.noise_after_affine = True  # noisy_batch: noise on gamma*x_hat+beta (else on x_hat; paper: unstated)
     c.num_groups = 4  # group norm: channel groups (must divide every layer's width)
     c.wn_data_init = True  # weight: data-dependent init of g and b (Salimans & Kingma 2016, sec. 3)
     c.wn_mean_only_bn = False  # weight: add mean-only batch norm (Salimans & Kingma 2016, sec. 4)
@@ -111,33 +114,95 @@ class BatchNorm(nnx.Module):
         return y
 
 
-class NoisyBatchNorm(BatchNorm):
-    """Batch norm followed by non-stationary noise (Santurkar et al. 2018, sec. 2.1).
+R_SIGMA_READINGS = ("std", "variance")
 
-    After batch norm, each activation is perturbed as y' = s * y + m, where the scale
-    s ~ U(1, noise_scale) and shift m ~ U(-noise_mean, noise_mean) are drawn afresh at
-    every training step (and, with `noise_per_example`, for every example), so the
-    layer's output distribution has non-zero mean and non-unit variance that change
-    from step to step. Evaluation uses plain batch norm with running statistics.
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSpec:
+    """The constants of Santurkar et al. 2018, App. A.2.1, Alg. 1 (paper defaults in
+    `default_config`); `r_sigma_std` is the standard deviation of s around sigma^t."""
+
+    n_mu: float
+    n_sigma: float
+    r_mu: float
+    r_sigma_std: float
+
+    @classmethod
+    def from_config(cls, cfg) -> NoiseSpec:
+        reading = cfg.noise_r_sigma_is
+        if reading not in R_SIGMA_READINGS:
+            raise ValueError(f"norm.noise_r_sigma_is must be one of {', '.join(R_SIGMA_READINGS)}, not '{reading}'")
+        r_sigma = float(cfg.noise_r_sigma)
+        return cls(float(cfg.noise_n_mu), float(cfg.noise_n_sigma), float(cfg.noise_r_mu),
+                   r_sigma if reading == "std" else r_sigma**0.5)
+
+
+def santurkar_noise(a, rng, spec: NoiseSpec):
+    """a <- s * a + m, the non-stationary noise of Santurkar et al. 2018, App. A.2.1, Alg. 1.
+
+    For every unit j (the last axis) one draw per call, i.e. per layer and step:
+    mu_j ~ U(-n_mu, n_mu), sigma_j ~ U(1, n_sigma); then for every example i (and, for
+    NHWC, every position: height and width count as batch) m_ij ~ U(mu_j - r_mu, mu_j + r_mu)
+    and s_ij ~ N(sigma_j, r_sigma).
+    """
+    units = a.shape[-1:]
+    k_mu, k_sigma, k_m, k_s = jax.random.split(rng, 4)
+    mu = jax.random.uniform(k_mu, units, minval=-spec.n_mu, maxval=spec.n_mu)
+    sigma = jax.random.uniform(k_sigma, units, minval=1.0, maxval=spec.n_sigma)
+    m = mu + jax.random.uniform(k_m, a.shape, minval=-spec.r_mu, maxval=spec.r_mu)
+    s = sigma + spec.r_sigma_std * jax.random.normal(k_s, a.shape)
+    return s * a + m
+
+
+def _need_rng(rng, name):
+    if rng is None:
+        raise ValueError(f"{name} needs a per-step rng key in training mode")
+
+
+class NoisyBatchNorm(BatchNorm):
+    """Batch norm followed by non-stationary noise (Santurkar et al. 2018, sec. 2.1 and
+    App. A.2.1, Alg. 1): in training, `santurkar_noise` on the batch-normalized activation,
+    a fresh per-unit mean and scale at every step, per-example noise around them, so the
+    layer's output distribution moves from step to step. With `noise_after_affine` the
+    noise acts on gamma * x_hat + beta (the output of the batch-norm layer, "injected after
+    BatchNorm layers"), else on x_hat before gamma and beta. Evaluation is plain batch norm
+    with running statistics, noise-free; the running statistics are those of batch norm.
     """
 
     def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
         super().__init__(num_features, cfg, rngs=rngs)
-        self.noise_mean = float(cfg.noise_mean)
-        self.noise_scale = float(cfg.noise_scale)
-        self.per_example = bool(cfg.noise_per_example)
+        self.noise = NoiseSpec.from_config(cfg)
+        self.after_affine = bool(cfg.noise_after_affine)
 
     def __call__(self, x, *, train: bool, rng=None):
-        y = super().__call__(x, train=train)
         if not train:
-            return y
-        if rng is None:
-            raise ValueError("noisy_batch needs a per-step rng key in training mode")
-        shape = x.shape if self.per_example else x.shape[-1:]
-        k_scale, k_shift = jax.random.split(rng)
-        s = jax.random.uniform(k_scale, shape, minval=1.0, maxval=self.noise_scale)
-        m = jax.random.uniform(k_shift, shape, minval=-self.noise_mean, maxval=self.noise_mean)
-        return y * s + m
+            return super().__call__(x, train=False)
+        _need_rng(rng, "noisy_batch")
+        y, mean, var = self._normalize_train(x)
+        m = self.momentum
+        self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+        self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+        if not self.after_affine:
+            y = santurkar_noise(y, rng, self.noise)
+        if self.affine:
+            y = y * self.scale.value + self.bias.value
+        return santurkar_noise(y, rng, self.noise) if self.after_affine else y
+
+
+class NoisyIdentity(nnx.Module):
+    """No normalization, the same noise as `NoisyBatchNorm` on the layer's pre-activation:
+    the control of Santurkar et al. 2018, sec. 2.1 (noise "without BatchNorm"). Noise-free
+    at evaluation."""
+
+    def __init__(self, num_features: int, cfg, *, rngs: nnx.Rngs):
+        del num_features, rngs
+        self.noise = NoiseSpec.from_config(cfg)
+
+    def __call__(self, x, *, train: bool, rng=None):
+        if not train:
+            return x
+        _need_rng(rng, "noisy_none")
+        return santurkar_noise(x, rng, self.noise)
 
 
 class MeanOnlyBatchNorm(nnx.Module):
@@ -385,7 +450,10 @@ NORMS: dict[str, NormSpec] = {
     "none": NormSpec(False, True, Identity, "no normalization"),
     "batch": NormSpec(False, False, BatchNorm, "batch norm (Ioffe & Szegedy 2015)"),
     "noisy_batch": NormSpec(
-        False, False, NoisyBatchNorm, "batch norm + non-stationary noise (Santurkar et al. 2018)"
+        False, False, NoisyBatchNorm, "batch norm + non-stationary noise (Santurkar et al. 2018, Alg. 1)"
+    ),
+    "noisy_none": NormSpec(
+        False, True, NoisyIdentity, "no normalization + the same noise (Santurkar et al. 2018's control)"
     ),
     "weight": NormSpec(True, True, _weight_norm_make, "weight norm (Salimans & Kingma 2016)"),
     "layer": NormSpec(False, False, LayerNorm, "layer norm (Ba et al. 2016)"),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import stats
 
 from bn_research import norms
 
@@ -200,86 +201,143 @@ def test_affine_false_creates_no_params(cls):
 
 
 # --------------------------------------------------------------------------------------
-# Noisy batch norm (Santurkar et al. 2018)
+# Noisy batch norm (Santurkar et al. 2018, App. A.2.1, Alg. 1)
 
 
-def _noisy_pair(per_example, noise_mean=0.5, noise_scale=1.5, f=5):
-    cfg = _cfg(noise_per_example=per_example, noise_mean=noise_mean, noise_scale=noise_scale,
-               momentum=0.7)
+N_EX, N_UNITS = 2000, 300  # examples x units of the brute-force noise statistics
+
+
+def _noise_spec(**overrides):
+    return norms.NoiseSpec.from_config(_cfg(**overrides))
+
+
+def _shift_and_scale(spec, key, shape):
+    """(m, s) of one draw, read off the noise map a -> s * a + m at a = 0 and a = 1
+    (one key: the same draw both times)."""
+    m = np.asarray(norms.santurkar_noise(jnp.zeros(shape), key, spec), np.float64)
+    s = np.asarray(norms.santurkar_noise(jnp.ones(shape), key, spec), np.float64) - m
+    return m, s
+
+
+def test_santurkar_noise_shift_follows_algorithm_1():
+    # Santurkar et al. 2018, Alg. 1: mu_j ~ U(-n_mu, n_mu) per unit, m_ij ~ U(mu_j +- r_mu).
+    spec = _noise_spec()
+    assert (spec.n_mu, spec.n_sigma, spec.r_mu, spec.r_sigma_std) == (0.5, 1.25, 0.1, 0.1)
+    m, _ = _shift_and_scale(spec, jax.random.key(0), (N_EX, N_UNITS))
+    lo, hi = m.min(0), m.max(0)
+    # Every unit's shifts fill a band of width 2 r_mu (the sample range of N_EX uniforms
+    # falls short of it by ~2 r_mu / N_EX), centred on that unit's own mu_j.
+    assert np.all(hi - lo <= 2 * 0.1 + 1e-6)
+    assert np.all(hi - lo >= 2 * 0.1 * (1 - 20 / N_EX))
+    mu = (lo + hi) / 2
+    assert np.all(np.abs(mu) <= 0.5 + 1e-6)
+    assert stats.kstest(mu, stats.uniform(-0.5, 1.0).cdf).pvalue > 1e-3
+    assert np.std(mu) > 0.25  # U(-0.5, 0.5) has std 0.289: the unit means really spread
+    resid = (m - mu)[:, :20].ravel()  # per-example spread around mu_j: U(-r_mu, r_mu)
+    assert stats.kstest(resid, stats.uniform(-0.1, 0.2).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("reading,r_std", [("std", 0.1), ("variance", 0.1**0.5)])
+def test_santurkar_noise_scale_follows_algorithm_1(reading, r_std):
+    # sigma_j ~ U(1, n_sigma) per unit, s_ij ~ N(sigma_j, r_sigma) per example.
+    spec = _noise_spec(noise_r_sigma_is=reading)
+    _, s = _shift_and_scale(spec, jax.random.key(1), (N_EX, N_UNITS))
+    sigma = s.mean(0)  # standard error r_std / sqrt(N_EX) <= 0.007, small against the 0.25 range
+    assert stats.kstest(sigma, stats.uniform(1.0, 0.25).cdf).pvalue > 1e-3
+    resid = s - sigma
+    np.testing.assert_allclose(resid.std(), r_std, rtol=0.01)  # 600,000 samples: se 0.1%
+    np.testing.assert_allclose(resid.std(0).min(), r_std, rtol=0.1)  # every unit, se 1.6%
+    np.testing.assert_allclose(resid.std(0).max(), r_std, rtol=0.1)
+    assert stats.kstest(resid[:, :20].ravel() / r_std, "norm").pvalue > 1e-3
+
+
+def test_santurkar_noise_is_fresh_per_key_and_deterministic_per_key():
+    spec = _noise_spec()
+    shape = (N_EX, N_UNITS)
+    m0, s0 = _shift_and_scale(spec, jax.random.key(2), shape)
+    m1, s1 = _shift_and_scale(spec, jax.random.key(3), shape)
+    # A new step (key) draws new per-unit means and scales: uncorrelated across keys.
+    assert abs(np.corrcoef(m0.mean(0), m1.mean(0))[0, 1]) < 0.25  # se 1/sqrt(300) = 0.058
+    assert abs(np.corrcoef(s0.mean(0), s1.mean(0))[0, 1]) < 0.25
+    m0_again, _ = _shift_and_scale(spec, jax.random.key(2), shape)
+    np.testing.assert_array_equal(m0, m0_again)
+
+
+def test_santurkar_noise_conv_counts_height_and_width_as_batch():
+    spec = _noise_spec()
+    m, s = _shift_and_scale(spec, jax.random.key(4), (8, 10, 10, 60))
+    flat_m, flat_s = m.reshape(-1, 60), s.reshape(-1, 60)
+    # One mu_c per channel for every (example, h, w): the band of width 2 r_mu holds them all.
+    assert np.all(flat_m.max(0) - flat_m.min(0) <= 0.2 + 1e-6)
+    mu = (flat_m.max(0) + flat_m.min(0)) / 2
+    assert np.std(mu) > 0.2
+    # ... and a fresh draw per position within one example: std r_mu / sqrt(3) over (h, w).
+    np.testing.assert_allclose((m - mu).std((1, 2)).mean(), 0.1 / np.sqrt(3), rtol=0.05)
+    np.testing.assert_allclose((flat_s - flat_s.mean(0)).std(), 0.1, rtol=0.02)
+
+
+def test_noise_r_sigma_reading_is_checked():
+    with pytest.raises(ValueError, match="noise_r_sigma_is"):
+        _noise_spec(noise_r_sigma_is="sd")
+
+
+def _noisy_pair(f=5, **overrides):
+    cfg = _cfg(momentum=0.7, **overrides)
     noisy = norms.NoisyBatchNorm(f, cfg, rngs=nnx.Rngs(0))
     plain = norms.BatchNorm(f, cfg, rngs=nnx.Rngs(0))
     gamma, beta = _rand(30, (f,)), _rand(31, (f,))
     for module in (noisy, plain):
         _set(module.scale, gamma)
         _set(module.bias, beta)
-    return noisy, plain
+    return noisy, plain, gamma.astype(np.float64), beta.astype(np.float64)
 
 
-def test_noisy_batchnorm_eval_equals_batchnorm():
-    noisy, plain = _noisy_pair(per_example=True)
-    x = jnp.asarray(_rand(32, (10, 5), scale=2.0, shift=1.0))
-    noisy(x, train=True, rng=jax.random.key(1))
-    plain(x, train=True)
+@pytest.mark.parametrize("after_affine", [True, False])
+@pytest.mark.parametrize("shape", [(12, 5), (3, 4, 4, 5)], ids=["dense", "nhwc"])
+def test_noisy_batchnorm_is_noise_on_the_batch_normalized_activation(shape, after_affine):
+    noisy, _, gamma, beta = _noisy_pair(noise_after_affine=after_affine)
+    x = _rand(32, shape, scale=2.0, shift=1.0)
+    key = jax.random.key(5)
+    y = np.asarray(noisy(jnp.asarray(x), train=True, rng=key), np.float64)
+    m, s = _shift_and_scale(noisy.noise, key, shape)
+    x_hat, _, _ = _bn_ref(x, np.ones(5), np.zeros(5), 1e-5)
+    ref = s * (gamma * x_hat + beta) + m if after_affine else gamma * (s * x_hat + m) + beta
+    np.testing.assert_allclose(y, ref, **TOL)
+
+
+def test_noisy_batchnorm_eval_is_noise_free_batchnorm():
+    noisy, plain, _, _ = _noisy_pair()
+    for k in range(3):
+        x = jnp.asarray(_rand(33 + k, (10, 5), scale=2.0, shift=1.0))
+        noisy(x, train=True, rng=jax.random.key(k))
+        plain(x, train=True)
+    # The noise leaves batch norm's running statistics alone ...
     np.testing.assert_allclose(_num(noisy.mean), _num(plain.mean), **TOL)
     np.testing.assert_allclose(_num(noisy.var), _num(plain.var), **TOL)
-    x_eval = jnp.asarray(_rand(33, (7, 5)))
-    np.testing.assert_allclose(
-        np.asarray(noisy(x_eval, train=False)), np.asarray(plain(x_eval, train=False)), **TOL
-    )
+    # ... and evaluation is deterministic, plain batch norm (Alg. 2), no key needed.
+    x_eval = jnp.asarray(_rand(40, (7, 5)))
+    np.testing.assert_allclose(np.asarray(noisy(x_eval, train=False)),
+                               np.asarray(plain(x_eval, train=False)), **TOL)
 
 
-def test_noisy_batchnorm_per_unit_noise_is_affine_with_bounded_scale_and_shift():
-    noise_mean, noise_scale = 0.4, 2.0
-    noisy, plain = _noisy_pair(per_example=False, noise_mean=noise_mean,
-                               noise_scale=noise_scale)
-    x = jnp.asarray(_rand(34, (9, 5), scale=1.5))
-    y = np.asarray(noisy(x, train=True, rng=jax.random.key(2)), np.float64)
-    z = np.asarray(plain(x, train=True), np.float64)
-    for c in range(5):
-        # Two equations y_i = s z_i + m, y_j = s z_j + m; pick the pair farthest apart.
-        i, j = int(np.argmax(z[:, c])), int(np.argmin(z[:, c]))
-        s = (y[i, c] - y[j, c]) / (z[i, c] - z[j, c])
-        m = y[i, c] - s * z[i, c]
-        assert 1.0 - 1e-5 <= s <= noise_scale + 1e-5
-        assert -noise_mean - 1e-5 <= m <= noise_mean + 1e-5
-        # The same (s, m) explains every example of the unit.
-        np.testing.assert_allclose(y[:, c], s * z[:, c] + m, **TOL)
-    y_same = np.asarray(noisy(x, train=True, rng=jax.random.key(2)))
-    y_other = np.asarray(noisy(x, train=True, rng=jax.random.key(3)))
-    np.testing.assert_array_equal(y_same, y.astype(np.float32))
-    assert np.max(np.abs(y_other - y_same)) > 1e-2
+def test_noisy_none_is_the_same_noise_without_normalization():
+    cfg = _cfg()
+    noisy = norms.get("noisy_none").make(5, cfg, rngs=nnx.Rngs(0))
+    x = _rand(41, (12, 5), scale=3.0, shift=2.0)
+    key = jax.random.key(6)
+    m, s = _shift_and_scale(norms.NoiseSpec.from_config(cfg), key, x.shape)
+    y = np.asarray(noisy(jnp.asarray(x), train=True, rng=key), np.float64)
+    np.testing.assert_allclose(y, s * x + m, **TOL)
+    np.testing.assert_array_equal(np.asarray(noisy(jnp.asarray(x), train=False)), x)
+    assert norms.get("noisy_none").linear_bias  # a plain layer keeps its bias
 
 
-def test_noisy_batchnorm_per_example_noise_varies_across_examples():
-    noise_mean, noise_scale = 0.5, 1.5
-    noisy, plain = _noisy_pair(per_example=True, noise_mean=noise_mean,
-                               noise_scale=noise_scale)
-    x = jnp.asarray(_rand(35, (16, 5), scale=1.5))
-    y = np.asarray(noisy(x, train=True, rng=jax.random.key(4)), np.float64)
-    z = np.asarray(plain(x, train=True), np.float64)
-    for c in range(5):
-        # No single affine map per unit explains the batch: least-squares residual is large.
-        design = np.stack([z[:, c], np.ones(16)], 1)
-        coef, *_ = np.linalg.lstsq(design, y[:, c], rcond=None)
-        assert np.max(np.abs(design @ coef - y[:, c])) > 1e-2
-    # Every entry is s * z + m with s in [1, noise_scale], m in [-noise_mean, noise_mean].
-    lo = np.minimum(z, noise_scale * z) - noise_mean
-    hi = np.maximum(z, noise_scale * z) + noise_mean
-    assert np.all(y >= lo - 1e-5) and np.all(y <= hi + 1e-5)
-    # Identical examples give x_hat = 0; with beta = 0 the output is the shift m alone.
-    noisy_c, _ = _noisy_pair(per_example=True, noise_mean=noise_mean, noise_scale=noise_scale)
-    _set(noisy_c.bias, np.zeros(5))
-    same = jnp.asarray(np.tile(_rand(36, (1, 5)), (6, 1)))
-    shifts = np.asarray(noisy_c(same, train=True, rng=jax.random.key(5)), np.float64)
-    assert np.all(np.abs(shifts) <= noise_mean + 1e-6)
-    assert np.min(np.std(shifts, 0)) > 1e-2  # a fresh shift per example
-
-
-def test_noisy_batchnorm_needs_rng_in_training():
-    noisy, _ = _noisy_pair(per_example=True)
+@pytest.mark.parametrize("name", ["noisy_batch", "noisy_none"])
+def test_noisy_variants_need_rng_in_training(name):
+    module = norms.get(name).make(5, _cfg(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rng"):
-        noisy(jnp.ones((4, 5)), train=True)
-    noisy(jnp.ones((4, 5)), train=False)  # evaluation needs no key
+        module(jnp.ones((4, 5)), train=True)
+    module(jnp.ones((4, 5)), train=False)  # evaluation needs no key
 
 
 # --------------------------------------------------------------------------------------
@@ -495,7 +553,7 @@ def test_get_unknown_lists_every_variant():
         norms.get("bogus")
     message = str(err.value)
     assert "bogus" in message
-    for name in ("none", "batch", "noisy_batch", "weight", "layer", "group"):
+    for name in ("none", "batch", "noisy_batch", "noisy_none", "weight", "layer", "group"):
         assert name in norms.NORMS
     for name in norms.NORMS:
         assert name in message
@@ -521,7 +579,7 @@ def test_every_variant_builds_and_runs(name, kind, mean_only):
     if name == "weight":
         assert isinstance(norm, norms.MeanOnlyBatchNorm if mean_only else norms.Identity)
         assert linear.use_bias == (not mean_only)
-    elif name == "none":
+    elif name in ("none", "noisy_none"):
         assert linear.use_bias
     else:
         assert not linear.use_bias  # an affine normalizer makes the bias redundant
