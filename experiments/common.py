@@ -289,3 +289,22 @@ def claims_table(claims: list[dict]) -> list[str]:
         rows.append([c["id"], c["claim"], f"{fmt_num(m['mean'])} [{fmt_num(m['ci95'][0])}, {fmt_num(m['ci95'][1])}]",
                      str(m["n"]), exp, c["criterion"], "**holds**" if c["holds"] else "**does not hold**"])
     return table(["claim", "statement", "measured (95% CI)", "n", "expected", "criterion", "verdict"], rows)
+
+
+def run_grid(c, workdir, seed_list: Sequence[int], rates: Sequence[float]) -> dict[tuple[int, float], runs.Run]:
+    """Train `c` for every (seed, learning rate) pair (vectorized replicas: one compiled
+    program for the whole cross product) into `workdir/seed=<s>,lr=<rate>`, reusing the
+    finished runs (completed or diverged) of the same configs. Keys are (seed, rate)."""
+    from bn_research import replicas
+
+    multi = ml_collections_copy(c)
+    multi.replicas.seeds = tuple(int(s) for s in seed_list)
+    multi.replicas.learning_rates = tuple(float(r) for r in rates)
+    singles = replicas.expand(multi)  # seed-major, like the replicas' order
+    keys = [(int(one.seed), float(one.optimizer.learning_rate)) for one in singles]
+    dirs = [Path(workdir) / f"seed={s},lr={r:g}" for s, r in keys]
+    if all(_finished(one, d) for one, d in zip(singles, dirs, strict=True)):
+        print(f"reusing {workdir}/seed=*,lr=*", file=sys.stderr)
+    else:
+        replicas.train_replicas(multi, dirs, overwrite=True)
+    return {k: runs.load(d) for k, d in zip(keys, dirs, strict=True)}
