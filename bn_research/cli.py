@@ -18,7 +18,7 @@ import sys
 
 USAGE = """usage:
   bn-research train   --config configs/mlp.py:norm=batch --workdir runs/mlp_bn [--config.a.b=v ...] [--overwrite]
-  bn-research compare RUN_DIR [RUN_DIR ...] [--plot out.png] [--metric eval/accuracy]
+  bn-research compare RUN_OR_PARENT_DIR [...] [--columns 'eval/*,train/loss'] [--metric PATTERNS] [--plot out.png]
   bn-research sweep   --config configs/mlp.py --workdir runs/sweep --sweep model.norm=batch,none [--sweep seed=0,1]
   bn-research reproduce [--quick] [NAME ...]   (run experiments/, write experiments/results/claims.json)
 """
@@ -44,8 +44,13 @@ def _flags(argv=None):
     flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir", flag_values=fv)
     flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one axis of the sweep grid",
                               flag_values=fv)
-    flags.DEFINE_string("plot", None, "compare: write a figure of the runs here", flag_values=fv)
-    flags.DEFINE_string("metric", "eval/accuracy", "compare: metric to plot", flag_values=fv)
+    flags.DEFINE_string("plot", None, "compare: write a figure of the runs here (.png, .pdf, .svg, ...)",
+                        flag_values=fv)
+    flags.DEFINE_string("metric", None, "compare: metrics to plot, comma-separated fnmatch patterns "
+                        "(default train/loss,eval/loss,eval/accuracy); also the table's columns without --columns",
+                        flag_values=fv)
+    flags.DEFINE_string("columns", None, "compare: table columns, comma-separated fnmatch patterns over metric "
+                        "keys (default train/loss,eval/loss,eval/accuracy)", flag_values=fv)
     return fv
 
 
@@ -278,23 +283,48 @@ def cmd_sweep(fv, rest):
     return 0 if not failed else 1
 
 
+def _patterns(value) -> list[str]:
+    return [p.strip() for p in (value or "").split(",") if p.strip()]
+
+
 def cmd_compare(fv, rest):
+    """A table of the runs in (or under) the given directories, one row per config (seeds
+    aggregated); with --plot, a figure of --metric against step with seed bands."""
     from bn_research import runs
 
     if not rest:
-        raise UsageError("compare needs at least one run directory")
-    try:
-        table = runs.compare(rest)
-    except runs.RunError as e:
-        raise UsageError(str(e)) from None
-    import pandas as pd
-
-    with pd.option_context("display.max_columns", 50, "display.width", 200):
-        print(table.to_string())
+        raise UsageError("compare needs at least one run directory (or a directory holding runs, e.g. a sweep root)")
+    metrics = _patterns(fv.metric)
+    columns = _patterns(fv.columns) or metrics or runs.DEFAULT_COLUMNS
     if fv.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")  # the CLI, not the library, picks a non-interactive backend
         from bn_research import plots
 
-        plots.compare_figure(rest, fv.metric).savefig(fv.plot, dpi=120, bbox_inches="tight")
+        problem = plots.check_path(fv.plot)
+        if problem:
+            raise UsageError(problem)
+    try:
+        loaded = runs.load_all(rest)
+        keys = sorted({k for r in loaded for k in r.keys()})
+        for p in metrics:
+            if not runs.match(keys, p):
+                raise runs.RunError(runs.no_match_message(p, keys))
+        table = runs.compare(loaded, columns)
+    except runs.RunError as e:
+        raise UsageError(str(e)) from None
+    varying = [c for c in table.columns if "." in c and "/" not in c]  # config keys that differ between configs
+    differ = ", ".join(varying[:3]) + (f" and {len(varying) - 3} more keys" if len(varying) > 3 else "")
+    print(f"{len(loaded)} runs, {len(table)} configs" + (f" (differing in {differ})" if varying else "")
+          + "; final metrics, mean ± std over seeds")
+    print(runs.format_table(table), flush=True)
+    if fv.plot:
+        try:
+            plots.save(plots.learning_curves(loaded, metrics or None), fv.plot)
+        except OSError as e:
+            print(f"bn-research: error: cannot write {fv.plot}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"wrote {fv.plot}")
     return 0
 

@@ -1,29 +1,336 @@
-"""Matplotlib figures shared by the CLI and the notebooks."""
+"""Matplotlib figures of runs, shared by the CLI and the notebooks.
+
+Every function takes runs (run directories, directories holding runs such as a sweep root,
+or loaded `runs.Run`s), groups them by config (`runs.group`: the seeds of one config are
+one group) and draws each group as the mean over its seeds with a band of ± one standard
+deviation, coloured by variant (`model.norm`; groups sharing a variant differ in line
+style). Axes are labelled, legends sit outside the axes, and each function returns a
+pyplot figure: a notebook shows it inline; a script saves it (`fig.savefig`) and closes it
+(`plt.close(fig)`). Importing this module leaves the matplotlib backend alone.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.backend_bases import FigureCanvasBase
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
+from bn_research import runs as runs_lib
 
-from bn_research import runs  # noqa: E402
+VARIANT_COLORS = {"batch": "tab:blue", "none": "tab:orange", "weight": "tab:green", "noisy_batch": "tab:purple",
+                  "layer": "tab:brown", "group": "tab:pink"}
+LINESTYLES = ("-", "--", ":", "-.")
+PERCENTILES = ("act_in_p15", "act_in_p50", "act_in_p85")
+BAND = "line: mean over seeds, band: ± 1 std"
 
 
-def compare_figure(workdirs, metric: str = "eval/accuracy", ax=None):
-    """`metric` against step for each run, one line per run."""
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-    else:
-        fig = ax.figure
-    for w in workdirs:
-        run = runs.load(w)
-        if metric not in run.metrics:
-            continue
-        df = run.metrics[["step", metric]].dropna()
-        ax.plot(df["step"], df[metric], marker="o", ms=3, label=run.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+# ----------------------------------------------------------------------------- helpers
+
+
+def _styles(groups) -> dict:
+    """{group label: matplotlib style}: colour by variant, line style by group within a variant."""
+    seen: dict[str, int] = {}
+    out = {}
+    spare = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][6:] + ["black", "gray"])
+    extra: dict[str, str] = {}
+    for g in groups:
+        n = seen.get(g.norm, 0)
+        seen[g.norm] = n + 1
+        color = VARIANT_COLORS.get(g.norm) or extra.setdefault(g.norm, next(spare, "black"))
+        out[g.label] = {"color": color, "linestyle": LINESTYLES[n % len(LINESTYLES)]}
+    return out
+
+
+def series(group, key: str) -> pd.DataFrame:
+    """One metric of a group against step: columns step, mean, std (NaN with one seed), n."""
+    parts = [r.metrics[["step", key]].dropna().set_index("step")[key] for r in group.runs if key in r.metrics]
+    if not parts:
+        return pd.DataFrame(columns=["step", "mean", "std", "n"])
+    wide = pd.concat(parts, axis=1)
+    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=1),
+                         "n": wide.notna().sum(axis=1)}).rename_axis("step").reset_index()
+
+
+def _draw(ax, s: pd.DataFrame, style: dict, label=None, band: bool = True):
+    if s.empty:
+        return
+    few = len(s) <= 5  # a short run: markers, so a single point is still visible
+    ax.plot(s["step"], s["mean"], label=label, marker="o" if few else None, ms=3, lw=1.5, **style)
+    if band and s["std"].notna().any():
+        ax.fill_between(s["step"], s["mean"] - s["std"], s["mean"] + s["std"], color=style["color"],
+                        alpha=0.2, lw=0)
+
+
+def _axes(nrows: int, ncols: int, w: float = 3.2, h: float = 2.4, **kw):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols + 1.8, h * nrows + 0.6), squeeze=False,
+                             layout="constrained", **kw)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _legend(fig, groups, styles, title=BAND):
+    handles = [plt.Line2D([], [], lw=2, **styles[g.label]) for g in groups]
+    labels = [f"{g.label} ({len(g.seeds)} seed{'s' if len(g.seeds) != 1 else ''})" for g in groups]
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title=title, title_fontsize=7,
+               frameon=False)
+
+
+def _keys(groups) -> list[str]:
+    return sorted({k for g in groups for r in g.runs for k in r.keys()})
+
+
+def _expand(patterns, keys) -> list[str]:
+    """Keys matching each pattern in order; RunError with close matches for a pattern matching none."""
+    out = []
+    for p in [patterns] if isinstance(patterns, str) else patterns:
+        hit = runs_lib.match(keys, p)
+        if not hit:
+            raise runs_lib.RunError(runs_lib.no_match_message(p, keys))
+        out += hit
+    return list(dict.fromkeys(out))
+
+
+def _layers(keys, namespace: str) -> list[str]:
+    layers = {k.split("/")[1] for k in keys if k.startswith(namespace + "/") and k.count("/") >= 2}
+    return sorted(layers, key=lambda n: (runs_lib.layer_index(n), n))
+
+
+def _log_if_positive(ax, values):
+    v = np.asarray([x for x in values if np.isfinite(x)])
+    if len(v) and (v > 0).all() and v.max() / v.min() > 20:
+        ax.set_yscale("log")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def metric_panels(runs, metrics, log=None, title=None):
+    """One panel per metric matching `metrics` (fnmatch patterns), against step. `log`: keys
+    (patterns) with a log y axis; default: losses, and any positive metric spanning > 20x."""
+    groups = runs_lib.group(runs)
+    keys = _expand(metrics, _keys(groups))
+    styles = _styles(groups)
+    ncols = min(len(keys), 4)
+    fig, axes = _axes(-(-len(keys) // ncols), ncols)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        values = []
+        for g in groups:
+            s = series(g, key)
+            _draw(ax, s, styles[g.label])
+            values += list(s["mean"])
+        ax.set(xlabel="step", ylabel=key)
+        if runs_lib.match([key], log) if log is not None else "loss" in key:
+            ax.set_yscale("log")
+        elif log is None:
+            _log_if_positive(ax, values)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    _legend(fig, groups, styles)
     return fig
+
+
+LEARNING_CURVES = ("train/loss", "eval/loss", "eval/accuracy")
+
+
+def learning_curves(runs, metrics=None):
+    """Metrics against step, one panel per key matching `metrics` (fnmatch patterns); by
+    default those of training loss, test loss and test accuracy the runs have."""
+    loaded = runs_lib.load_all(runs)
+    if metrics is None:
+        keys = sorted({k for r in loaded for k in r.keys()})
+        metrics = [m for m in LEARNING_CURVES if m in keys] or list(LEARNING_CURVES)  # a regression: no accuracy
+    return metric_panels(loaded, metrics, title="learning curves")
+
+
+def layer_grid(runs, namespace: str, stats, split: str | None = None, layers=None, title=None, log=False):
+    """A grid of hidden layers (rows) x statistics (columns) over training, for keys
+    `<namespace>/<layer>[/<split>]/<stat>`; `layers` (names or fnmatch patterns) picks rows."""
+    groups = runs_lib.group(runs)
+    keys = _keys(groups)
+    rows = _layers(keys, namespace)
+    if layers is not None:
+        rows = [n for n in rows if runs_lib.match([n], layers)]
+    stats = [stats] if isinstance(stats, str) else list(stats)
+
+    def key(layer, stat):
+        return "/".join(p for p in (namespace, layer, split, stat) if p)
+
+    if not rows or not any(key(n, s) in keys for n in rows for s in stats):
+        want = key("*", stats[0])
+        raise runs_lib.RunError(runs_lib.no_match_message(want, keys))
+    styles = _styles(groups)
+    fig, axes = _axes(len(rows), len(stats), sharex=True)
+    for i, layer in enumerate(rows):
+        for j, stat in enumerate(stats):
+            ax = axes[i, j]
+            for g in groups:
+                _draw(ax, series(g, key(layer, stat)), styles[g.label])
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(f"{layer}\n{stat}" if j == 0 else stat, fontsize=8)
+            if i == 0:
+                ax.set_title(stat, fontsize=9)
+            if i == len(rows) - 1:
+                ax.set_xlabel("step")
+    fig.suptitle(title or f"{namespace}/<layer>{'/' + split if split else ''}/<stat>")
+    _legend(fig, groups, styles)
+    return fig
+
+
+def drift(runs, stats=("act_in_mean", "act_in_var"), split: str = "probe", measure: str = "drift_init",
+          layers=None):
+    """Per-layer distribution drift over training (Ioffe & Szegedy's internal covariate shift):
+    layers x `stats`, each as `measure`: 'value' (the mean over units), 'drift' (RMS change per
+    unit since the previous probe step) or 'drift_init' (since initialization); `split` is
+    'probe' (a fixed batch: parameter-driven drift only) or 'train' (the step's batch)."""
+    suffix = {"value": "", "drift": "_drift", "drift_init": "_drift_init"}
+    if measure not in suffix:
+        raise ValueError(f"unknown measure '{measure}'; choose one of: {', '.join(suffix)}")
+    names = {"value": "mean over units", "drift": "RMS change per unit since the previous probe",
+             "drift_init": "RMS change per unit since initialization"}
+    return layer_grid(runs, "dist", [s + suffix[measure] for s in stats], split=split, layers=layers,
+                      title=f"distribution drift on the {split} batch: {names[measure]}")
+
+
+def percentiles(runs, layer: str | None = None, split: str = "probe", unit: int | None = None):
+    """Ioffe & Szegedy (2015) Fig. 1(b, c): the 15th, 50th and 85th percentiles of a layer's
+    nonlinearity input over training, one panel per config. `layer` defaults to the last
+    hidden layer; `unit=None` averages each percentile over units, an integer shows that unit
+    (from the per-unit `layer_stats`)."""
+    groups = runs_lib.group(runs)
+    keys = _keys(groups)
+    layer = layer or (_layers(keys, "dist") or [None])[-1]
+    if layer is None or f"dist/{layer}/{split}/act_in_p50" not in keys:
+        raise runs_lib.RunError(runs_lib.no_match_message(f"dist/{layer}/{split}/act_in_p50", keys))
+    styles = _styles(groups)
+    fig, axes = _axes(1, len(groups), sharey=True)
+    for ax, g in zip(axes[0], groups, strict=True):
+        lines = {p: _percentile_series(g, f"dist/{layer}/{split}/{p}", unit) for p in PERCENTILES}
+        color = styles[g.label]["color"]
+        for p, ls in zip(PERCENTILES, (":", "-", "--"), strict=True):
+            _draw(ax, lines[p], {"color": color, "linestyle": ls}, label=p.rsplit("_", 1)[-1] + "th")
+        lo, hi = lines[PERCENTILES[0]], lines[PERCENTILES[2]]
+        if not lo.empty and len(lo) == len(hi):
+            ax.fill_between(lo["step"], lo["mean"], hi["mean"], color=color, alpha=0.08, lw=0)
+        ax.set(title=f"{g.label} ({len(g.seeds)} seeds)", xlabel="step")
+        ax.title.set_fontsize(9)
+    axes[0, 0].set_ylabel(f"{layer} nonlinearity input" + (f", unit {unit}" if unit is not None else ""))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False,
+               title=f"percentile\n({'mean over units' if unit is None else 'one unit'};\nband ± 1 std over seeds)",
+               title_fontsize=7)
+    fig.suptitle(f"{layer}: 15/50/85th percentiles of the nonlinearity input ({split} batch)")
+    return fig
+
+
+def _percentile_series(group, key: str, unit):
+    if unit is None:
+        return series(group, key)
+    parts = []
+    for r in group.runs:
+        ls = r.layer_stats
+        one = ls[(ls["key"] == key) & (ls["unit"] == unit)]
+        parts.append(one.set_index("step")["value"].astype("float64"))
+    wide = pd.concat(parts, axis=1) if parts else pd.DataFrame()
+    if wide.empty:
+        return pd.DataFrame(columns=["step", "mean", "std", "n"])
+    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=1),
+                         "n": wide.notna().sum(axis=1)}).rename_axis("step").reset_index()
+
+
+def grad_norm_by_layer(runs, steps=("first", "last"), stat: str = "norm"):
+    """Yang et al. (2019): the gradient norm ‖dL/dW_l‖ against layer index l, one panel per
+    step ('first' = at initialization, 'last', or a step number: the nearest logged step),
+    log y; with batch norm it grows towards the input."""
+    groups = runs_lib.group(runs)
+    keys = _keys(groups)
+    layers = _layers(keys, "grad")
+    if not layers:
+        raise runs_lib.RunError(runs_lib.no_match_message(f"grad/*/{stat}", keys))
+    styles = _styles(groups)
+    fig, axes = _axes(1, len(steps), sharey=True)
+    x = [runs_lib.layer_index(n) for n in layers]
+    for ax, when in zip(axes[0], steps, strict=True):
+        shown = set()
+        for g in groups:
+            per_layer = [series(g, f"grad/{n}/{stat}") for n in layers]
+            rows = [_at(s, when) for s in per_layer]
+            mean = np.array([r[0] for r in rows])
+            std = np.array([r[1] for r in rows])
+            shown |= {r[2] for r in rows if r[2] is not None}
+            ax.plot(x, mean, marker="o", ms=4, **styles[g.label])
+            if np.isfinite(std).any():
+                ax.fill_between(x, mean - std, mean + std, color=styles[g.label]["color"], alpha=0.2, lw=0)
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set(xlabel="layer index l", title=_when(when, shown))
+        ax.title.set_fontsize(9)
+    axes[0, 0].set_ylabel(f"‖dL/dW_l‖  (grad/<layer>/{stat})")
+    fig.suptitle("gradient norm by layer")
+    _legend(fig, groups, styles)
+    return fig
+
+
+def _at(s: pd.DataFrame, when):
+    """(mean, std, step) of a series at 'first', 'last' or the logged step nearest `when`."""
+    if s.empty:
+        return np.nan, np.nan, None
+    i = 0 if when == "first" else len(s) - 1 if when == "last" else int((s["step"] - int(when)).abs().idxmin())
+    row = s.iloc[i] if when in ("first", "last") else s.loc[i]
+    return float(row["mean"]), float(row["std"]), int(row["step"])
+
+
+def _when(when, shown) -> str:
+    steps = ", ".join(str(s) for s in sorted(shown))
+    if when == "first":
+        return f"at initialization (step {steps})"
+    return f"at step {steps}"
+
+
+def landscape(runs, stats=("loss_range", "grad_diff_max", "beta")):
+    """Santurkar et al. (2018) Fig. 4: loss variation and gradient change along the gradient
+    direction, and the effective β-smoothness, over training (`probes.landscape`)."""
+    return metric_panels(runs, [f"landscape/{s}" for s in stats], title="loss landscape along -∇L")
+
+
+def grad_ics(runs, stats=("grad_diff_rel", "grad_cos"), skip_first: bool = True):
+    """Santurkar et al. (2018) Def. 2.1: gradient-based ICS per layer over training,
+    ‖G − G′‖/‖G‖ and cos(G, G′) (`probes.ics`); the first layer has no earlier layers
+    (G′ = G) and is left out unless `skip_first=False`."""
+    loaded = runs_lib.load_all(runs)
+    layers = _layers({k for r in loaded for k in r.keys()}, "ics")
+    chosen = layers[1:] if skip_first and len(layers) > 1 else layers
+    return layer_grid(loaded, "ics", stats, layers=chosen or None,
+                      title="gradient ICS: G at step t vs G′ after the earlier layers' update")
+
+
+def weights(runs, stats=("w_norm", "eff_lr")):
+    """Kohler et al. (2019); Salimans & Kingma (2016): weight norm ‖w‖ and effective step
+    size η/‖w‖² per layer over training (`probes.weights`; eff_lr exists only for
+    scale-invariant layers)."""
+    return layer_grid(runs, "weights", stats, title="weight norm and effective step size")
+
+
+def save(fig, path, dpi: int = 110) -> None:
+    """Write `fig` to `path` (format from the extension) and close it."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def check_path(path) -> str | None:
+    """One line saying why a figure cannot be written to `path`, or None."""
+    from pathlib import Path
+
+    path = Path(path)
+    ext = path.suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        return f"cannot write a figure to {path}: unknown extension '{path.suffix}'; use one of: " \
+            + ", ".join(sorted(formats))
+    if not path.parent.is_dir():
+        return f"cannot write a figure to {path}: directory {path.parent} does not exist"
+    return None

@@ -337,10 +337,13 @@ def test_every_probe_end_to_end(tmp_path):
 
     run = runs.load(tmp_path)
     ls = run.layer_stats
-    assert list(ls.columns) == store.COLUMNS
+    assert list(ls.columns) == runs.UNIT_TIDY  # the same names as metrics.jsonl
     assert sorted(ls["step"].unique()) == [1, 10, 20]
     assert set(ls["layer"]) >= set(names)
-    one = ls[(ls.layer == "dense_1") & (ls.stat == "dist/probe/act_in_mean")]
+    assert set(ls["key"]) - {"landscape/grid/loss", "landscape/grid/grad_diff", "landscape/grid/step_size"} \
+        <= set(lines[20])
+    one = ls[ls.key == "dist/dense_1/probe/act_in_mean"]
+    assert set(one.layer) == {"dense_1"} and set(one.split) == {"probe"} and set(one.stat) == {"act_in_mean"}
     assert len(one) == 3 * 16 and np.isfinite(one["value"]).all()
     # the logged drift is the RMS change of the stored per-unit values between cadence points
     v = {s: one[one.step == s].sort_values("unit")["value"].to_numpy(np.float64) for s in (1, 10, 20)}
