@@ -22,6 +22,7 @@ summaries are returned without training.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -258,6 +259,13 @@ def train_replicas(config, workdirs, *, overwrite: bool = False, dataset=None) -
     finished = _check_workdirs(configs, workdirs, overwrite)
     if finished is not None:
         return finished
+    with contextlib.ExitStack() as locks:  # one writer per workdir, held until the summaries
+        for w in workdirs:
+            locks.enter_context(rundir.WorkdirLock(w))
+        return _train(config, configs, workdirs, dataset)
+
+
+def _train(config, configs, workdirs, dataset) -> list[dict]:
     t0 = time.time()
     b = build(config, dataset)
     for c, w in zip(configs, workdirs, strict=True):

@@ -75,36 +75,95 @@ def _normalized(config_dict: dict) -> dict:
     return json.loads(json.dumps(_jsonable(config_dict)))
 
 
+LOCK = ".lock"
+
+
+class WorkdirLock:
+    """One writer per run directory: an exclusive `flock` on `<workdir>/.lock`, held from
+    before setup until the summary is written. The kernel drops it when the process ends,
+    so a crashed run never leaves a stale lock; the file names the last holder.
+
+        with WorkdirLock(workdir):
+            ...  # a second process on the same workdir gets WorkdirError naming this one
+    """
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.fd = Path(workdir), None
+
+    def __enter__(self):
+        import fcntl
+
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise WorkdirError(f"workdir {self.workdir} exists and is not a directory; choose another")
+        path = self.workdir / LOCK
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"cannot write to workdir {self.workdir} ({e.strerror or e}); "
+                               "choose a writable --workdir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise WorkdirError(f"workdir {self.workdir} is in use by {holder}; wait for it to finish, "
+                               "stop it, or choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {platform.node()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])[:120]})\n").encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+def check(workdir: Path, config_dict: dict, *, overwrite: bool) -> bool:
+    """What `prepare` will do, decided without writing anything (so it can run before the
+    dataset and the model are built): True to resume a run of the same config; raises
+    WorkdirError for a workdir that is a file or holds another config's run (unless
+    `overwrite`)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} exists and is not a directory; choose another")
+    found = existing_run_files(workdir)
+    if not found or overwrite:
+        return False
+    cfg_path = workdir / CONFIG
+    try:
+        old = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise WorkdirError(
+            f"workdir {workdir} holds run files but no {CONFIG}; pass --overwrite to replace "
+            "them or choose a new --workdir") from None
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise WorkdirError(
+            f"workdir {workdir} has an unreadable {CONFIG}, so it cannot be resumed; pass "
+            "--overwrite to start the run again or choose a new --workdir")
+    diff = config_diff(old, _normalized(config_dict))
+    if diff:
+        raise WorkdirError(
+            f"workdir {workdir} holds a run of another config ({'; '.join(diff[:3])}"
+            f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to replace it "
+            "or choose a new --workdir"
+        )
+    return True
+
+
 def prepare(workdir: Path, config_dict: dict, *, overwrite: bool) -> bool:
     """Make `workdir` ready for `config_dict`; returns True when it holds a run of the same
     config to resume. Never overwrites silently: a run of another config (or files of a
     run without a readable config.json) is an error unless `overwrite`."""
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"workdir {workdir} exists and is not a directory; choose another")
+    resume = check(workdir, config_dict, overwrite=overwrite)
     found = existing_run_files(workdir)
-    resume = False
-    if found and not overwrite:
-        cfg_path = workdir / CONFIG
-        try:
-            old = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise WorkdirError(
-                f"workdir {workdir} holds run files but no {CONFIG}; pass --overwrite to replace "
-                "them or choose a new --workdir") from None
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict):
-            raise WorkdirError(
-                f"workdir {workdir} has an unreadable {CONFIG}, so it cannot be resumed; pass "
-                "--overwrite to start the run again or choose a new --workdir")
-        diff = config_diff(old, _normalized(config_dict))
-        if diff:
-            raise WorkdirError(
-                f"workdir {workdir} holds a run of another config ({'; '.join(diff[:3])}"
-                f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to replace it "
-                "or choose a new --workdir"
-            )
-        resume = True
     try:
         if not resume:
             for p in found:
@@ -192,35 +251,28 @@ def versions() -> dict:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard event files in the workdir."""
+    """Appends one JSON object per logged step to metrics.jsonl and writes the same scalars,
+    the config as hparams and per-unit histograms to TensorBoard event files in the workdir
+    (`tensorboard_log.EventWriter`: tags put the layer first)."""
 
-    def __init__(self, workdir: Path):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    def __init__(self, workdir: Path, config_dict: dict | None = None, layer_names=()):
+        from bn_research import tensorboard_log
 
         self._file = open(workdir / METRICS, "a")  # noqa: SIM115
-        self._tb = EventFileWriter(str(workdir))
+        self._tb = tensorboard_log.EventWriter(workdir, config_dict, layer_names)
 
-    def write(self, step: int, scalars: dict) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
+    def write(self, step: int, scalars: dict, units: dict | None = None) -> None:
+        """One row of scalars {key: value}; `units` {(layer, stat): [U]} go to TensorBoard only
+        (the per-layer store holds them for `runs.load`)."""
         row = {"step": int(step)}
         row.update({k: float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(_jsonable(row)) + "\n")
         self._file.flush()
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                  for k, v in scalars.items()]
-        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                           summary=summary_pb2.Summary(value=values)))
+        self._tb.write(step, scalars, units)
 
     def resume(self, step: int) -> None:
-        """Mark a restart at `step` in the event log: TensorBoard's readers drop events of
-        earlier files with step > `step` when they meet this SessionLog.START."""
-        from tensorboard.compat.proto import event_pb2
-
-        self._tb.add_event(event_pb2.Event(
-            wall_time=time.time(), step=int(step) + 1,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        """Mark a restart at `step` in the event log (earlier files' later steps are dropped)."""
+        self._tb.resume(step)
 
     def sync(self) -> None:
         """Flush both logs to disk (before a checkpoint commits, so it never runs ahead)."""
@@ -230,7 +282,6 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
-        self._tb.flush()
         self._tb.close()
 
 

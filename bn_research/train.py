@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from bn_research import checkpoint, config_lib, data, models, optim, probes, rundir, step
+from bn_research import checkpoint, config_lib, data, models, optim, probes, progress, rundir, step
 
 
 def chunk_length(config) -> int:
@@ -135,6 +134,23 @@ class _StopSignals:
         return False
 
 
+def chunk_sizes(start: int, num_steps: int, k: int) -> list[int]:
+    """The distinct chunk lengths of a session from `start`: k, and the shorter last chunk."""
+    left = num_steps - start
+    sizes = {k} if left >= k else set()
+    if left % k:
+        sizes.add(left % k)
+    return sorted(sizes)
+
+
+def compile_programs(chunk_fn, eval_fn, state, device_data, sizes) -> None:
+    """Compile the chunk of each size in `sizes` and the evaluation ahead of time
+    (`.lower().compile()`; jit reuses the executables), so the timed loop runs no compiler."""
+    for n in sizes:
+        chunk_fn.lower(state, device_data["train"], n).compile()
+    eval_fn.lower(state["params"], state["batch_stats"], device_data["test"]).compile()
+
+
 def _truncate_chunk(host: dict, n_steps: int, keep: int) -> dict:
     """Per-step outputs of a chunk of `n_steps` steps cut to the first `keep` steps."""
     return {k: (np.asarray(v)[:keep] if np.ndim(v) >= 1 and np.shape(v)[0] == n_steps else v)
@@ -164,11 +180,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         rundir.log(f"{workdir} already holds a {finished['status']} run of this config (step "
                    f"{finished.get('step')}); pass --overwrite to run it again")
         return finished
+    # One writer per workdir; its problems (a file, another config's run) surface before
+    # the dataset and the model are built.
+    with rundir.WorkdirLock(workdir):
+        rundir.check(workdir, config_dict, overwrite=overwrite)
+        return _train(config, workdir, config_dict, overwrite=overwrite, dataset=dataset)
+
+
+def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset) -> dict:
+    """The loop of `train_and_evaluate`, run while holding the workdir's lock."""
     t0 = time.time()
-    s = setup(config, dataset)
-    resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
     t = config.train
     num_steps, k = int(t.num_steps), chunk_length(config)
+    bar = progress.Progress(f"train {workdir.name}", num_steps)
+    try:
+        with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
+                                f"norm {config.model.norm}"):
+            s = setup(config, dataset)
+    except BaseException:
+        bar.close()
+        raise
+    setup_s = time.time() - t0
+    resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
     ckpt = checkpoint.Checkpointer(workdir, int(t.keep_checkpoints))
     state, train_data, test_data = s["state"], s["data"]["train"], s["data"]["test"]
     start, meta = 0, {}
@@ -181,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         if restored is not None:
             start, state, meta = restored
         rundir.truncate_metrics(workdir, start)
-    writer = rundir.MetricsWriter(workdir)
+    writer = rundir.MetricsWriter(workdir, config_dict, s["model"].layer_names())
     recorder = probes.Recorder(config, workdir, s["model"].layer_names())
     resumes = list(meta.get("resumes", []))
     if resume:
@@ -203,17 +236,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
     timed_before = (int(meta.get("timed_steps", 0)), float(meta.get("timed_s", 0.0)))
     pending = None
     done = session_start = start
-    t_first = None  # (wall time, step) when this session's first chunk finished (excludes compilation)
-    bar = tqdm(total=num_steps, initial=start, desc=f"train {workdir.name}", unit="step", disable=None)
+    t_loop = t_done = None  # wall times when this session's loop started (after compilation) / last chunk done
 
     def timing():
+        """(steps, seconds) of training without setup and compilation, over all sessions."""
         steps, secs = timed_before
-        if t_first is not None and done > t_first[1]:
-            steps, secs = steps + done - t_first[1], secs + time.time() - t_first[0]
+        if t_loop is not None and t_done is not None and done > session_start:
+            steps, secs = steps + done - session_start, secs + t_done - t_loop
         return steps, secs
 
+    def write_rows(rows):
+        for row_step in sorted(set(rows) | set(recorder.units)):
+            if rows.get(row_step) or recorder.units.get(row_step):
+                writer.write(row_step, rows.get(row_step, {}), recorder.units.get(row_step))
+                last.update(rows.get(row_step, {}))
+
     def process(item):
-        nonlocal done, t_first
+        nonlocal done, t_done
         end, metrics, eval_metrics = item
         host = jax.device_get(metrics)
         losses = np.asarray(host["loss"])
@@ -222,11 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
             i = int(np.argmax(bad))
             first = end - len(losses) + i + 1
             if i > 0:  # probes of the steps before the divergence are kept
-                rows = recorder.record(first - 1, _truncate_chunk(host, len(losses), i))
-                for row_step in sorted(rows):
-                    if rows[row_step]:
-                        writer.write(row_step, rows[row_step])
-                        last.update(rows[row_step])
+                write_rows(recorder.record(first - 1, _truncate_chunk(host, len(losses), i)))
             row = {f"train/{key}": float(np.asarray(v)[i]) for key, v in host.items()
                    if np.ndim(v) == 1 and key in step.BASE_METRICS}
             writer.write(first, row)
@@ -251,16 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         if eval_metrics is not None:
             rows.setdefault(end, {}).update({f"eval/{key}": float(v)
                                              for key, v in jax.device_get(eval_metrics).items()})
-        for row_step in sorted(rows):
-            if rows[row_step]:
-                writer.write(row_step, rows[row_step])
-                last.update(rows[row_step])
-        bar.update(end - done)
-        if "train/loss" in last:
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-        done = end
-        if t_first is None:
-            t_first = (time.time(), end)
+        write_rows(rows)
+        done, t_done = end, time.time()
+        bar.update(end, last.get("train/loss"))
         return True
 
     def save(at):
@@ -271,8 +299,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
                               "timed_s": secs, "resumes": resumes})
 
     stop = _StopSignals()
+    compile_s = 0.0
     try:
         with stop:
+            if start < num_steps:
+                t_compile = time.time()
+                sizes = chunk_sizes(start, num_steps, k)
+                with bar.phase("compile", f"chunks of {', '.join(map(str, sizes))} steps, evaluation"):
+                    compile_programs(chunk_fn, eval_fn, state, s["data"], sizes)
+                compile_s = time.time() - t_compile
+            bar.start(start)
+            t_loop = time.time()
             ok = True
             while start < num_steps and ok and stop.name is None:
                 n = min(k, num_steps - start)
@@ -313,8 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         ckpt.close()
         summary["wall_time_s"] = wall_before + time.time() - t0
         steps, secs = timing()
-        if secs <= 0:  # a single chunk this session: all it has is its time including compilation
-            steps, secs = done - session_start, time.time() - t0
         summary["steps_per_s"] = steps / secs if secs > 0 and steps > 0 else None
+        summary.update(setup_s=setup_s, compile_s=compile_s)  # this session's; not in steps_per_s
         rundir.write_summary(workdir, summary)
     return summary

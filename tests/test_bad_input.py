@@ -70,3 +70,28 @@ def test_config_file_exception_from_python(tmp_path):
     path.write_text("def get_config(arg=None):\n    return {}['missing']\n")
     with pytest.raises(config_lib.ConfigError, match=r"broken_cfg.py:2 raised KeyError"):
         config_lib.from_file(path)
+
+
+def test_workdir_that_is_a_file_is_refused_before_setup(tmp_path, capsys, monkeypatch):
+    from bn_research import train
+
+    path = tmp_path / "run"
+    path.write_text("my notes")
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("setup ran before the workdir check"))
+    code = cli.main(["bn-research", "train", "--workdir", str(path), "--config", "configs/mlp.py"])
+    err = capsys.readouterr().err
+    assert code == 2 and "exists and is not a directory" in err, err
+    assert path.read_text() == "my notes"
+
+
+def test_workdir_of_another_config_is_refused_before_setup(tmp_path, capsys, monkeypatch):
+    from bn_research import train
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"seed": 12345}')
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("setup ran before the workdir check"))
+    code = cli.main(["bn-research", "train", "--workdir", str(workdir), "--config", "configs/mlp.py"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a run of another config" in err, err
+    assert (workdir / "config.json").read_text() == '{"seed": 12345}'
