@@ -25,6 +25,99 @@ USAGE = """usage:
 
 COMMANDS = ("train", "compare", "sweep", "reproduce")
 
+ABOUT = """bn-research: train, compare and sweep batch-normalization experiments (JAX/Flax NNX).
+
+"""
+
+HELP_TAIL = """
+commands:
+  train      train one config (or its vectorized replicas) into a run directory; the same command resumes it
+  compare    a table of runs (seeds of one config aggregated) and, with --plot, a figure
+  sweep      one run per point of the grid of --sweep axes, under --workdir
+  reproduce  run experiments/ and gather their claims (its own --help)
+
+`bn-research COMMAND --help` lists a command's flags; `bn-research --version` prints versions.
+Config keys: any key of the config file is set with --config.<key>=<value>; all of them are in
+README.md "Configs" and bn_research/config_lib.py:base_config(), and
+`bn-research train --config FILE --help` lists a config's keys with their values.
+"""
+
+# Flags of each command, in the order its help lists them (compare: every flag whose help starts "compare:").
+COMMAND_FLAGS = {"train": ("config", "workdir", "overwrite"), "sweep": ("config", "workdir", "sweep", "overwrite")}
+
+COMMAND_ABOUT = {
+    "train": ("usage: bn-research train --config FILE[:key=value,...] --workdir DIR [--config.<key>=<value> ...] "
+              "[--overwrite]\n\nTrain one config into DIR (config.json, metrics.jsonl, summary.json, layer_stats/, "
+              "TensorBoard events,\ncheckpoints/); running the same command again resumes it. With "
+              "--config.replicas.seeds='(0,1)' the\nreplicas train together and each writes DIR/<replica>."),
+    "sweep": ("usage: bn-research sweep --config FILE --workdir ROOT --sweep KEY=V1,V2,... [--sweep KEY=...] "
+              "[--config.<key>=<value> ...]\n\nOne run per point of the cartesian product of the --sweep axes, "
+              "in ROOT/<key>=<value>,... (e.g.\nruns/sweep/norm=batch,seed=0); finished points are skipped "
+              "when the command is run again."),
+    "compare": ("usage: bn-research compare RUN_OR_PARENT_DIR [...] [--columns PATTERNS] [--metric PATTERNS] "
+                "[--plot FILE]\n\nA table of the runs in (or under) the directories, one row per config with "
+                "mean ± std over seeds."),
+}
+
+OVERRIDE_HELP = ("  --config.<key>=<value>\n      set any config key, e.g. --config.train.num_steps=5000 "
+                 "--config.model.norm=none")
+
+
+def _help(command: str, argv) -> str:
+    """A command's help: usage, its flags (absl help strings) and where the config keys are."""
+    import textwrap
+
+    fv = _flags()
+    names = COMMAND_FLAGS.get(command) or [n for n in fv if fv[n].help.startswith("compare:")]
+    lines = [COMMAND_ABOUT[command], "", "flags:"]
+    for name in names:
+        flag = fv[name]
+        default = "" if flag.default in (None, "", [], False) else f" (default {flag.default})"
+        text = flag.help.removeprefix("compare: ").split(";\n    repeat this option")[0]
+        lines += [f"  --{name}", textwrap.fill(text + default, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+    if command != "compare":
+        lines += [OVERRIDE_HELP, "", "Config keys: README.md \"Configs\" and bn_research/config_lib.py:base_config();",
+                  "with --config FILE this help lists FILE's keys and their values."]
+        path = _config_path(argv)
+        if path != "?":
+            lines += ["", _config_keys(path)]
+    return "\n".join(lines) + "\n"
+
+
+def _config_keys(path: str) -> str:
+    """`key = value` for every key of the config file `path[:arg]` (or why it cannot be read)."""
+    from bn_research import config_lib
+
+    file, _, arg = path.partition(":")
+    try:
+        config = config_lib.from_file(file, arg or None)
+    except Exception as e:  # noqa: BLE001  (help never fails: it says why it cannot list the keys)
+        return f"keys of {path}: cannot load it ({_one_line(e)})"
+    lines = [f"keys of {path} (set with --config.<key>=<value>):"]
+    for key in config_lib._leaf_paths(config):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        lines.append(f"  {key} = {node!r}")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    """`bn-research <version> (jax ..., jaxlib ..., flax ..., python ...)`, without importing jax."""
+    import platform
+    from importlib import metadata
+
+    def v(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    from bn_research import __version__
+
+    return (f"bn-research {__version__} (jax {v('jax')}, jaxlib {v('jaxlib')}, flax {v('flax')}, "
+            f"optax {v('optax')}, python {platform.python_version()})")
+
 
 class UsageError(Exception):
     pass
@@ -37,12 +130,14 @@ def _flags(argv=None):
     fv = flags.FlagValues()
     # sys_argv: config_flags reads the --config.<key> overrides from it (else from sys.argv,
     # which is wrong when main(argv) is called from Python).
-    config_flags.DEFINE_config_file("config", None, "config file[:arg]", flag_values=fv,
+    config_flags.DEFINE_config_file("config", None, "config file and its key=value,... argument, e.g. "
+                                    "configs/mlp.py:norm=batch (short keys in the file's docstring)", flag_values=fv,
                                     lock_config=True, sys_argv=list(argv) if argv is not None else None)
     flags.DEFINE_string("workdir", None, "run directory (train) or sweep root (sweep)",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir", flag_values=fv)
-    flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one axis of the sweep grid",
+    flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one axis of the sweep grid (a dotted config key "
+                              "and its values); repeat it for more axes, the runs are their cartesian product",
                               flag_values=fv)
     flags.DEFINE_string("plot", None, "compare: write a figure of the runs here (.png, .pdf, .svg, ...)",
                         flag_values=fv)
@@ -74,13 +169,34 @@ def _overrides(argv) -> list[tuple[str, str]]:
     return out
 
 
-def _override_problem(argv) -> str | None:
-    """One line for the first --config.<key> override that names no key of the config
-    (with the closest key) or whose value has the wrong type; None if none is found."""
+def _key_problem(config, key: str, leaves, verb: str = "set") -> str | None:
+    """Why the dotted `key` names no value of `config` (unknown, with the closest key, or a
+    group); None when it does."""
     import difflib
 
     import ml_collections
 
+    node = config
+    try:
+        for part in key.split("."):
+            node = node[part]
+    except (KeyError, AttributeError, TypeError):
+        hint = difflib.get_close_matches(key, leaves, n=1, cutoff=0.6)
+        if not hint:  # a misspelt last part: match on it alone
+            tail = difflib.get_close_matches(key.split(".")[-1], [p.split(".")[-1] for p in leaves], n=1)
+            hint = [p for p in leaves if tail and p.split(".")[-1] == tail[0]][:1]
+        return (f"unknown config key '{key}'"
+                + (f"; did you mean '{hint[0]}'?" if hint else "; see the config file for the keys"))
+    if isinstance(node, ml_collections.ConfigDict):
+        same = [p for p in leaves if p.endswith(f".{key}")]  # `norm` the group vs `model.norm` the value
+        return (f"config key '{key}' is a group, not a value; "
+                + (f"did you mean '{same[0]}'?" if same else f"{verb} one of its keys, e.g. {key}.{next(iter(node))}"))
+    return None
+
+
+def _override_problem(argv) -> str | None:
+    """One line for the first --config.<key> override that names no key of the config
+    (with the closest key) or whose value has the wrong type; None if none is found."""
     from bn_research import config_lib
 
     overrides = _overrides(argv)
@@ -98,19 +214,12 @@ def _override_problem(argv) -> str | None:
     except Exception:  # noqa: BLE001  (the config itself does not load: reported elsewhere)
         return None
     for key, value in overrides:
+        problem = _key_problem(config, key, leaves)
+        if problem:
+            return problem
         node = config
-        try:
-            for part in key.split("."):
-                node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            hint = difflib.get_close_matches(key, leaves, n=1, cutoff=0.6)
-            if not hint:  # a misspelt last part: match on it alone
-                tail = difflib.get_close_matches(key.split(".")[-1], [p.split(".")[-1] for p in leaves], n=1)
-                hint = [p for p in leaves if tail and p.split(".")[-1] == tail[0]][:1]
-            return (f"unknown config key '{key}'"
-                    + (f"; did you mean '{hint[0]}'?" if hint else "; see the config file for the keys"))
-        if isinstance(node, ml_collections.ConfigDict):
-            return f"config key '{key}' is a group, not a value; set one of its keys, e.g. {key}.{next(iter(node))}"
+        for part in key.split("."):
+            node = node[part]
         for typ, name in ((bool, "true or false"), (int, "an integer"), (float, "a number")):
             if isinstance(node, typ):
                 try:
@@ -229,14 +338,40 @@ def cmd_train(fv, rest):
     return _exit_code(summary)
 
 
-def _sweep_points(specs):
-    axes = []
+def _sweep_axes(specs, config) -> list[tuple[str, list[str]]]:
+    """(key, values) of each --sweep axis. UsageError (one line) for no axis, an axis that is
+    not key=v1,v2,..., a key that is unknown or a group, no values, a repeated value or key."""
+    from bn_research import config_lib
+
+    if not specs:
+        raise UsageError("sweep needs at least one --sweep axis, e.g. --sweep model.norm=batch,none "
+                         "(one run per point of the axes' grid, under --workdir)")
+    leaves, axes = list(config_lib._leaf_paths(config)), []
     for spec in specs:
-        if "=" not in spec:
-            raise UsageError(f"--sweep '{spec}' is not key=v1,v2,... (e.g. model.norm=batch,none)")
-        key, values = spec.split("=", 1)
-        axes.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
-    return [dict(point) for point in itertools.product(*axes)]
+        key, eq, text = (part.strip() for part in spec.partition("="))
+        if not eq or not key:
+            raise UsageError(f"--sweep '{spec}' is not key=v1,v2,... (e.g. --sweep model.norm=batch,none)")
+        problem = _key_problem(config, key, leaves, verb="sweep")
+        if problem:
+            raise UsageError(f"--sweep {spec}: {problem}")
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise UsageError(f"--sweep {spec}: no values; give {key}=v1,v2,...")
+        if len(set(values)) != len(values):
+            raise UsageError(f"--sweep {spec}: a value is repeated")
+        if key in dict(axes):
+            raise UsageError(f"--sweep {key} is given twice; list all its values in one axis ({key}=v1,v2,...)")
+        axes.append((key, values))
+    return axes
+
+
+def _sweep_points(axes) -> list[tuple[str, dict]]:
+    """(run name, {key: value}) of each point of the grid; a name uses each key's last part
+    (norm=batch,seed=0) unless two axes share it."""
+    tails = [k.split(".")[-1] for k, _ in axes]
+    short = {k: (t if tails.count(t) == 1 else k) for (k, _), t in zip(axes, tails, strict=True)}
+    points = itertools.product(*[[(k, v) for v in values] for k, values in axes])
+    return [(",".join(f"{short[k]}={v}" for k, v in point), dict(point)) for point in points]
 
 
 def cmd_sweep(fv, rest):
@@ -245,11 +380,10 @@ def cmd_sweep(fv, rest):
     from bn_research import config_lib, train
 
     _require(fv, "config", "workdir")
-    points = _sweep_points(fv.sweep)
-    if not points:
-        raise UsageError("--sweep is required: e.g. --sweep model.norm=batch,none")
+    if rest:
+        raise UsageError(f"unexpected arguments: {' '.join(rest)}")
     configs = []
-    for point in points:
+    for name, point in _sweep_points(_sweep_axes(fv.sweep, fv.config)):
         config = copy.deepcopy(fv.config)
         config.unlock()
         try:
@@ -258,7 +392,6 @@ def cmd_sweep(fv, rest):
         except config_lib.ConfigError as e:
             raise UsageError(str(e)) from None
         config.lock()
-        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         configs.append((name, config))
     failed, diverged = [], []
     for name, config in configs:
@@ -357,15 +490,21 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(ABOUT + USAGE + HELP_TAIL, end="")
         return 0 if len(argv) >= 2 else 2
+    if argv[1] in ("--version", "-V", "version"):
+        print(_version())
+        return 0
     command = argv[1]
     if command not in COMMANDS:
         print(f"bn-research: error: unknown command '{command}'; choose one of: "
-              f"{', '.join(COMMANDS)}", file=sys.stderr)
+              f"{', '.join(COMMANDS)} (bn-research --help)", file=sys.stderr)
         return 2
     if command == "reproduce":
         return cmd_reproduce(argv[2:])
+    if any(a in ("-h", "--help", "--helpfull", "--helpshort", "-?") for a in argv[2:]):
+        print(_help(command, argv[2:]), end="")
+        return 0
     try:
         fv, rest = _parse([argv[0]] + argv[2:])
         return {"train": cmd_train, "compare": cmd_compare, "sweep": cmd_sweep}[command](fv, rest)

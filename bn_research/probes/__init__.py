@@ -148,11 +148,14 @@ class Recorder:
         self.layer_names = list(layer_names)
         self.cadence = enabled(config)
         self.fingerprint = _fingerprint(config)
+        self.units: dict[int, dict] = {}  # the last chunk's per-unit arrays {step: {(layer, stat): [U]}}
 
     def record(self, end_step: int, host_metrics: dict) -> dict:
         """Rows {step: {key: value}} for metrics.jsonl from one fetched chunk; writes the
-        chunk's per-unit arrays, one store file per probe with any valid row."""
+        chunk's per-unit arrays, one store file per probe with any valid row, and keeps them
+        in `self.units` (for TensorBoard histograms)."""
         rows: dict[int, dict] = defaultdict(dict)
+        self.units = defaultdict(dict)
         for name in self.cadence:
             flag = host_metrics.get(f"probes/{name}/valid")
             if flag is None:
@@ -180,6 +183,8 @@ class Recorder:
                         arrays[_split_unit_key(key)] = v
             if arrays:
                 store.write_chunk(self.workdir, end_step, steps, arrays, tag=name)
+                for j, s in enumerate(steps):
+                    self.units[s].update({pair: v[j] for pair, v in arrays.items()})
         return dict(rows)
 
     def truncate(self, step: int) -> None:
