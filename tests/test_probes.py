@@ -118,6 +118,26 @@ def test_ics_matches_explicit_partial_update(norm):
     assert float(out["scalars"][f"ics/{names[0]}/grad_diff"]) == 0.0
 
 
+def test_ics_update_size_is_the_earlier_layers_update():
+    """ics/<layer>/update_norm = ||u_<i|| and update_rel = ||u_<i|| / ||theta_<i|| over all
+    parameters of the layers before i, by explicit concatenation."""
+    config = small("batch", **{"model.depth": 3})
+    ctx, info, _ = hand_ctx(config)
+    out, _ = jax.jit(lambda: ics.measure(config, info, ctx, {}))()
+    names = info["layer_names"]
+
+    def flat(tree, layers):
+        return np.concatenate([np.ravel(x) for n in layers for x in jax.tree_util.tree_leaves(tree["layers"][n])])
+
+    assert float(out["scalars"][f"ics/{names[0]}/update_norm"]) == 0.0
+    for i, name in enumerate(names[1:], start=1):
+        u, p = flat(ctx["updates"], names[:i]), flat(ctx["state"]["params"], names[:i])
+        assert u.size > 2 * 16  # kernel and batch norm scale/offset of every earlier layer
+        assert float(out["scalars"][f"ics/{name}/update_norm"]) == pytest.approx(np.linalg.norm(u), rel=1e-5)
+        assert float(out["scalars"][f"ics/{name}/update_rel"]) == pytest.approx(
+            np.linalg.norm(u) / np.linalg.norm(p), rel=1e-5)
+
+
 # -------------------------------------------------------------------------- landscape
 
 
