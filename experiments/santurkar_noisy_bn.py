@@ -43,12 +43,17 @@ Protocol and the choices made where the paper is silent or out of reach:
 """
 
 import math
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import common
-from experiments.common import Claim, above, below, between
+if __package__ in (None, ""):  # `python experiments/santurkar_noisy_bn.py`: the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # noqa: E402
+from experiments.common import Claim, above, below, between  # noqa: E402
 
 NAME = "santurkar_noisy_bn"
 PAPER = "Santurkar et al. 2018, sec. 2.1, Fig. 2"
