@@ -83,3 +83,112 @@ def test_train_with_replicas_writes_one_run_per_replica(tmp_path):
     assert len(dirs) == 2, dirs
     for d in dirs:
         assert json.loads((d / "summary.json").read_text())["status"] == "completed"
+
+
+def run_main(capsys, *args):
+    """`bn-research ARGS` in this process: (exit code, stdout, stderr)."""
+    from bn_research import cli
+
+    code = cli.main(["bn-research", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_commands_and_points_to_config_keys(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    for text in ("bn-research train", "bn-research compare", "bn-research sweep", "bn-research reproduce",
+                 "--version", "COMMAND --help", "base_config()", "README.md \"Configs\""):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--config", "--workdir", "--overwrite", "--config.<key>=<value>"]),
+    ("sweep", ["--config", "--workdir", "--sweep", "--overwrite", "--config.<key>=<value>"]),
+    ("compare", ["--plot", "--metric", "--columns"]),
+])
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_each_command_help_lists_its_flags(capsys, command, flags, option):
+    code, out, err = run_main(capsys, command, option)
+    assert code == 0 and not err, err
+    assert out.startswith(f"usage: bn-research {command}")
+    listed = [ln.strip() for ln in out.splitlines() if ln.startswith("  --")]
+    assert listed == flags
+    if command != "compare":
+        assert "base_config()" in out
+
+
+def test_train_help_with_a_config_lists_its_keys(capsys):
+    code, out, _ = run_main(capsys, "train", "--config=configs/mlp.py:norm=none", "--help")
+    assert code == 0
+    assert "  model.norm = 'none'" in out and "  train.num_steps = 3000" in out
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    import bn_research
+
+    code, out, _ = run_main(capsys, "--version")
+    assert code == 0
+    assert out.startswith(f"bn-research {bn_research.__version__} (jax {metadata.version('jax')},")
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ([], "sweep needs at least one --sweep axis, e.g. --sweep model.norm=batch,none"),
+    (["--sweep=model.norm="], "--sweep model.norm=: no values; give model.norm=v1,v2,..."),
+    (["--sweep=model=x"], "--sweep model=x: config key 'model' is a group, not a value; sweep one of its keys"),
+    (["--sweep=norm=batch,none"], "config key 'norm' is a group, not a value; did you mean 'model.norm'?"),
+    (["--sweep==a,b"], "--sweep '=a,b' is not key=v1,v2,..."),
+    (["--sweep=model.norm"], "--sweep 'model.norm' is not key=v1,v2,..."),
+    (["--sweep=modl.norm=batch"], "unknown config key 'modl.norm'; did you mean 'model.norm'?"),
+    (["--sweep=seed=0,0"], "--sweep seed=0,0: a value is repeated"),
+    (["--sweep=seed=0", "--sweep=seed=1"], "--sweep seed is given twice"),
+    (["--sweep=seed=0", "extra"], "unexpected arguments: extra"),
+])
+def test_sweep_axis_problems_are_usage_errors(capsys, tmp_path, sweep, message):
+    code, out, err = run_main(capsys, "sweep", "--config=configs/mlp.py", f"--workdir={tmp_path / 'root'}", *sweep)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("bn-research: error: ") and message in err, err
+    assert not (tmp_path / "root").exists()  # nothing ran, not even in the sweep root
+
+
+def test_progress_lines_off_a_terminal(tmp_path):
+    # One chunk of 20 steps (eval_every 20): the case where a rate over "all but the first chunk" is empty.
+    r = cli("train", "--config=configs/mlp.py", f"--workdir={tmp_path}", "--config.train.num_steps=20",
+            "--config.train.log_every=10", "--config.train.eval_every=20")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()  # stderr is a pipe here, not a terminal: lines, no bar
+    name = f"train {tmp_path.name}"
+    assert lines[0] == f"{name}: setup (dataset mnist_digits, model mlp, norm batch) ..."
+    assert lines[1].startswith(f"{name}: setup done in ") and lines[1].endswith("s")
+    assert lines[2].startswith(f"{name}: compile (chunks of 20 steps, evaluation) ...")
+    assert lines[3].startswith(f"{name}: compile done in ")
+    assert lines[4].startswith(f"{name}: step 20/20 (100%)  loss ") and " steps/s  ETA 0s" in lines[4]
+    assert "\r" not in r.stderr and "it/s" not in r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # steps_per_s times the training loop only: setup and compilation are measured apart
+    assert summary["setup_s"] > 0 and summary["compile_s"] > 0
+    assert 20 / summary["steps_per_s"] + summary["setup_s"] + summary["compile_s"] <= summary["wall_time_s"]
+
+
+def test_progress_lines_are_periodic_with_rate_and_eta():
+    import io
+
+    from bn_research import progress
+
+    out = io.StringIO()  # not a terminal: lines instead of a bar
+    p = progress.Progress("train x", 1000, every_s=3600, file=out)
+    with p.phase("setup", "dataset d"):
+        pass
+    p.start(200)  # a resumed run: rates count this session's steps only
+    p.update(400, loss=0.5)   # the first chunk always gets a line
+    p.update(600, loss=0.25)  # within every_s of the last line: none
+    p.update(1000, loss=0.125)  # the end always gets a line
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train x: setup (dataset d) ..." and lines[1].startswith("train x: setup done in ")
+    assert len(lines) == 4, lines
+    assert lines[2].startswith("train x: step 400/1000 (40%)  loss 0.5000  ") and " steps/s  ETA " in lines[2]
+    assert lines[3].startswith("train x: step 1000/1000 (100%)  loss 0.1250  ") and lines[3].endswith("ETA 0s")
+    assert progress._duration(3725) == "1:02:05" and progress._duration(65) == "1:05"

@@ -1,0 +1,81 @@
+"""TensorBoard event files, read back the way TensorBoard reads them: every scalar (tags
+layer-first), the config as the hparams session, per-unit statistics as histograms."""
+
+import json
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.util import tensor_util
+
+from bn_research import tensorboard_log, train
+from tests.conftest import load_config, tiny
+
+LAYERS = ("dense_0", "dense_1", "dense_2", "head")
+
+
+def test_tags_put_the_layer_first():
+    assert tensorboard_log.tag("dist/dense_0/train/act_in_mean", LAYERS) == "dense_0/dist/train/act_in_mean"
+    assert tensorboard_log.tag("weights/head/w_norm", LAYERS) == "head/weights/w_norm"
+    for key in ("train/loss", "eval/accuracy", "grad/growth_factor", "landscape/beta"):
+        assert tensorboard_log.tag(key, LAYERS) == key
+    for stat in ("dist/probe/act_in_p15", "dist/dense_1/probe/act_in_p15"):  # a stat with or without its layer
+        assert tensorboard_log.units_tag("dense_1", stat) == "dense_1/dist/probe/act_in_p15/units"
+
+
+def test_flat_hparams_are_tensorboard_types():
+    flat = tensorboard_log.flat_hparams({"model": {"norm": "batch", "depth": 3}, "seed": np.int64(2),
+                                         "probes": {"landscape": {"step_sizes": (0.1, 0.2)}}})
+    assert flat == {"model.norm": "batch", "model.depth": 3, "seed": 2, "probes.landscape.step_sizes": "(0.1, 0.2)"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tb")
+    summary = train.train_and_evaluate(tiny(load_config("mlp", "norm=batch")), workdir)
+    assert summary["status"] == "completed"
+    events = pea.EventAccumulator(str(workdir), size_guidance={pea.TENSORS: 0})
+    events.Reload()
+    return workdir, events
+
+
+def _values(events, tag):
+    return {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in events.Tensors(tag)}
+
+
+def test_every_metric_is_a_finite_scalar_at_its_steps(run):
+    workdir, events = run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    scalars = set(events.PluginTagToContent("scalars"))
+    keys = {k for row in rows for k in row if k != "step"}
+    assert scalars == {tensorboard_log.tag(k, LAYERS) for k in keys}
+    assert {"train/loss", "eval/accuracy", "dense_0/dist/train/act_in_mean", "grad/growth_factor"} <= scalars
+    for key in keys:
+        logged = {row["step"]: row[key] for row in rows if key in row}
+        written = _values(events, tensorboard_log.tag(key, LAYERS))
+        assert written.keys() == logged.keys(), key
+        assert all(np.isfinite(v) for v in written.values()), key
+        np.testing.assert_allclose([written[s] for s in logged], list(logged.values()), rtol=1e-6)
+
+
+def test_config_is_the_hparams_session(run):
+    _, events = run
+    content = events.PluginTagToContent("hparams")[hparams_metadata.SESSION_START_INFO_TAG]
+    hparams = hparams_metadata.parse_session_start_info_plugin_data(content).hparams
+    assert hparams["model.norm"].string_value == "batch"
+    assert hparams["train.num_steps"].number_value == 20
+    assert hparams["norm.affine"].bool_value is True
+    assert len(hparams) > 40  # the whole flattened config
+
+
+def test_per_unit_statistics_are_histograms(run):
+    _, events = run
+    tags = set(events.PluginTagToContent("histograms"))
+    assert "dense_0/dist/train/act_in_mean/units" in tags and "dense_2/weights/w_norm/units" in tags
+    assert not tags & set(events.PluginTagToContent("scalars"))  # one plugin per tag
+    for tag in tags:
+        for step, buckets in _values(events, tag).items():  # [bucket, (left, right, count)]
+            assert np.isfinite(buckets).all(), (tag, step)
+            assert buckets[:, 2].sum() == 100, (tag, step)  # one count per hidden unit
+    assert set(_values(events, "dense_0/dist/train/act_in_mean/units")) == {1, 10, 20}
