@@ -114,7 +114,7 @@ def arm_config(norm: str, quick: bool):
 def unit_series(run, layer: str, stat: str) -> np.ndarray:
     """[steps, units] of a per-unit drift statistic on the training batch, in step order."""
     df = run.layer_stats
-    d = df[(df["layer"] == layer) & (df["stat"] == f"dist/train/{stat}")]
+    d = df[df["key"] == f"dist/{layer}/train/{stat}"]
     return d.pivot(index="step", columns="unit", values="value").sort_index().to_numpy(np.float64)
 
 
@@ -205,7 +205,8 @@ def figure(runs_, m, layers):
         for p, style in (("p15", ":"), ("p50", "-"), ("p85", ":")):
             series = unit_series(run, last, f"act_in_{p}")
             if series.size:
-                axes[2].plot(series[:, 0], style, color=color, lw=0.8, label=f"{arm} {p}" if p != "p85" else None)
+                label = {"p15": f"{arm} p15, p85", "p50": f"{arm} p50"}.get(p)
+                axes[2].plot(np.arange(1, len(series) + 1), series[:, 0], style, color=color, lw=0.8, label=label)
     axes[2].set(xlabel="step", ylabel="input of unit 0", title=f"{last}, unit 0: 15/50/85th percentiles (seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
