@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bn_research import config_lib, data, optim, probes, rundir, step, train
+from bn_research import config_lib, data, optim, probes, progress, rundir, step, train
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -175,7 +175,7 @@ class _Run:
 
     def __init__(self, config, workdir: Path, layer_names, index: int, count: int):
         self.config, self.workdir = config, workdir
-        self.writer = rundir.MetricsWriter(workdir)
+        self.writer = rundir.MetricsWriter(workdir, config.to_dict(), layer_names)
         self.recorder = probes.Recorder(config, workdir, layer_names)
         self.window, self.last, self.done, self.live = [], {}, 0, True
         self.summary = {"status": "failed", "step": 0, "versions": rundir.versions(),
@@ -184,10 +184,12 @@ class _Run:
                         "replica": {"index": index, "count": count, "vectorized": True}}
 
     def write(self, rows: dict) -> None:
-        for row_step in sorted(rows):
-            if rows[row_step]:
-                self.writer.write(row_step, rows[row_step])
-                self.last.update(rows[row_step])
+        """Metrics rows {step: {key: value}}, with the recorder's per-unit arrays of those steps."""
+        units = self.recorder.units
+        for row_step in sorted(set(rows) | set(units)):
+            if rows.get(row_step) or units.get(row_step):
+                self.writer.write(row_step, rows.get(row_step, {}), units.get(row_step))
+                self.last.update(rows.get(row_step, {}))
 
     def process(self, end: int, host: dict, eval_host: dict | None) -> None:
         """Log one fetched chunk (same rows as `train.train_and_evaluate`)."""
@@ -267,7 +269,15 @@ def train_replicas(config, workdirs, *, overwrite: bool = False, dataset=None) -
 
 def _train(config, configs, workdirs, dataset) -> list[dict]:
     t0 = time.time()
-    b = build(config, dataset)
+    bar = progress.Progress(f"train {len(configs)} replicas in {Path(workdirs[0]).parent}", int(config.train.num_steps))
+    try:
+        with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
+                                f"norm {config.model.norm}"):
+            b = build(config, dataset)
+    except BaseException:
+        bar.close()
+        raise
+    timings = {"setup_s": time.time() - t0, "compile_s": 0.0}  # this session's; not in steps_per_s
     for c, w in zip(configs, workdirs, strict=True):
         rundir.prepare(w, c.to_dict(), overwrite=True)
     layer_names = b["setups"][0]["model"].layer_names()
@@ -276,21 +286,31 @@ def _train(config, configs, workdirs, dataset) -> list[dict]:
     num_steps, k = int(t.num_steps), _chunk_length(config)
     state, lrs = b["state"], b["learning_rates"]
     train_data, test_data = b["data"]["train"], b["data"]["test"]
-    pending, t_first, start = None, None, 0
+    pending, start, t_loop, t_done = None, 0, None, None
 
     def process(item):
-        nonlocal t_first
+        nonlocal t_done
         end, metrics, eval_metrics = item
         host = jax.device_get(metrics)
         eval_host = None if eval_metrics is None else jax.device_get(eval_metrics)
         for i, h in enumerate(hosts):
             if h.live:
                 h.process(end, _replica(host, i), None if eval_host is None else _replica(eval_host, i))
-        if t_first is None:
-            t_first = (time.time(), end)
+        t_done = time.time()
+        losses = [h.last["train/loss"] for h in hosts if "train/loss" in h.last]
+        bar.update(end, float(np.mean(losses)) if losses else None)
         return any(h.live for h in hosts)
 
     try:
+        sizes, t_compile = train.chunk_sizes(0, num_steps, k), time.time()
+        with bar.phase("compile", f"chunks of {', '.join(map(str, sizes))} steps, evaluation"):
+            for n in sizes:  # ahead of time, so steps_per_s excludes compilation
+                b["chunk"].lower(state, lrs, train_data, n).compile()
+            b["evaluate"].lower(state["params"], state["batch_stats"], test_data).compile()
+        b["share_probe_layouts"]()
+        bar.start(0)
+        t_loop = time.time()
+        timings["compile_s"] = t_loop - t_compile
         ok = True
         while start < num_steps and ok:
             n = min(k, num_steps - start)
@@ -312,11 +332,11 @@ def _train(config, configs, workdirs, dataset) -> list[dict]:
                 h.summary.update(status="interrupted", step=h.done, final=h.last)
         raise
     finally:
+        bar.close()
         wall = time.time() - t0
         done = max(h.done for h in hosts)
-        if t_first is not None and done > t_first[1]:
-            rate = (done - t_first[1]) / max(time.time() - t_first[0], 1e-9)
-        else:
-            rate = done / wall if wall > 0 else None
+        rate = done / (t_done - t_loop) if done and t_loop is not None and t_done > t_loop else None
+        for h in hosts:
+            h.summary.update(timings)
         summaries = [h.close(wall, rate) for h in hosts]
     return summaries
