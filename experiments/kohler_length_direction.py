@@ -55,6 +55,7 @@ suboptimality TOL (censored at the iteration budget, reported as such).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -118,19 +119,21 @@ def s_norm(v, s):
     return jnp.sqrt(v @ s @ v)
 
 
-def random_covariance(key, dim: int, cond: float):
-    """S = Q diag(lambda) Q^T, lambda log-spaced in [1/cond, 1], Q a random rotation."""
+def covariance_factor(key, dim: int, cond: float):
+    """A with S = A A^T = Q diag(lambda) Q^T, lambda log-spaced in [1/cond, 1], Q a random rotation."""
     q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, dim)))
-    return (q * jnp.geomspace(1.0 / cond, 1.0, dim)) @ q.T
+    return q * jnp.sqrt(jnp.geomspace(1.0 / cond, 1.0, dim))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def ols_problem(key, dim: int = OLS_DIM, cond: float = OLS_COND, noise: float = OLS_NOISE) -> dict:
     """Gaussian least squares in closed form: S, u = -S w*, c = E[y^2], L = 2 lambda_max(S)."""
     k_s, k_w, k_0 = jax.random.split(key, 3)
-    s = random_covariance(k_s, dim, cond)
+    a = covariance_factor(k_s, dim, cond)
+    s = a @ a.T
     w_star = jax.random.normal(k_w, (dim,))
     return {"s": s, "u": -s @ w_star, "w_star": w_star, "c": w_star @ s @ w_star + noise**2,
-            "f_star": noise**2, "L": 2 * jnp.linalg.eigvalsh(s)[-1],
+            "f_star": noise**2, "L": 2.0,  # 2 lambda_max(S), lambda_max(S) = 1 by construction
             "w0": jax.random.normal(k_0, (dim,)) / math.sqrt(dim)}
 
 
@@ -155,12 +158,12 @@ def ols_best_length(v, p):
     return -(p["u"] @ v) / s_norm(v, p["s"])
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def halfspace_problem(key, n: int = HS_N, dim: int = HS_DIM, cond: float = HS_COND, flip: float = FLIP) -> dict:
     """A fixed sample z_i = -y_i x_i, x ~ N(0, S), y = sign(x^T w*) flipped with probability `flip`;
     S_hat = Z^T Z / n, L = lambda_max(S_hat) / 4 (the logistic loss has phi'' <= 1/4); f* by Newton."""
     k_s, k_w, k_x, k_f, k_0 = jax.random.split(key, 5)
-    s = random_covariance(k_s, dim, cond)
-    x = jax.random.multivariate_normal(k_x, jnp.zeros(dim), s, (n,))
+    x = jax.random.normal(k_x, (n, dim)) @ covariance_factor(k_s, dim, cond).T  # x ~ N(0, S)
     y = jnp.sign(x @ jax.random.normal(k_w, (dim,)))
     y = jnp.where(jax.random.uniform(k_f, (n,)) < flip, -y, y)
     z = -y[:, None] * x
