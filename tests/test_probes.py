@@ -169,6 +169,51 @@ def test_landscape_matches_python_loop():
     assert float(s["landscape/beta"]) == pytest.approx(beta, rel=1e-3)
 
 
+def test_landscape_relative_grids_are_multiples_of_the_learning_rate():
+    """relative: eta = multiple x lr on a linear main grid and a log-spaced wide grid, each
+    grid's loss, gradient difference, step size and beta (with its argmax) by a Python loop."""
+    config = small("batch", **{"optimizer.learning_rate": 0.2})
+    cfg = config.probes.landscape
+    cfg.relative, cfg.step_range, cfg.num_steps, cfg.spacing = True, (0.5, 4.0), 5, "linear"
+    cfg.wide_range, cfg.wide_num_steps = (0.01, 30.0), 4
+    config_lib.validate(config)
+    ctx, info, _ = hand_ctx(config)
+    out, _ = jax.jit(lambda: landscape.measure(config, info, ctx, {}))()
+    params, grads = ctx["state"]["params"], ctx["grads"]
+    g_flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads)]).astype(np.float64)
+    loss0, _ = ctx["loss_fn"](params, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
+    value_and_grad = jax.jit(jax.value_and_grad(ctx["loss_fn"], has_aux=True))
+    grids = {"grid": ("landscape/", [0.5, 1.375, 2.25, 3.125, 4.0]),
+             "wide_grid": ("landscape/wide/", [0.01, 0.01 * 3000 ** (1 / 3), 0.01 * 3000 ** (2 / 3), 30.0])}
+    for tag, (prefix, multiples) in grids.items():
+        losses, ratios = [], []
+        for m in multiples:
+            eta = 0.2 * m
+            theta = jax.tree_util.tree_map(lambda p, g, eta=eta: p - eta * g, params, grads)
+            (loss, _), g_eta = value_and_grad(theta, ctx["state"]["batch_stats"], ctx["batch"], ctx["noise_key"])
+            ge = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g_eta)]).astype(np.float64)
+            losses.append(float(loss))
+            ratios.append(np.linalg.norm(g_flat - ge) / (eta * np.linalg.norm(g_flat)))
+        np.testing.assert_allclose(out["units"][f"landscape/{tag}/step_size"], 0.2 * np.array(multiples), rtol=1e-5)
+        np.testing.assert_allclose(out["units"][f"landscape/{tag}/loss"], losses, rtol=1e-5)
+        s = out["scalars"]
+        everything = [float(loss0)] + losses
+        assert float(s[f"{prefix}loss_range"]) == pytest.approx(max(everything) - min(everything), rel=1e-4)
+        assert float(s[f"{prefix}beta"]) == pytest.approx(max(ratios), rel=1e-3)
+        assert float(s[f"{prefix}beta_argmax"]) == pytest.approx(multiples[int(np.argmax(ratios))], rel=1e-6)
+    assert len(set(np.round(grids["wide_grid"][1], 6))) == 4  # the wide grid really spans 3.5 decades
+
+
+def test_landscape_default_grid_is_the_absolute_one():
+    """Backward compatible: by default eta is the absolute step_sizes grid, no wide keys."""
+    config = small("batch", **{"optimizer.learning_rate": 0.3})
+    ctx, info, _ = hand_ctx(config)
+    out, _ = jax.jit(lambda: landscape.measure(config, info, ctx, {}))()
+    np.testing.assert_allclose(out["units"]["landscape/grid/step_size"], [0.05, 0.1, 0.2, 0.4], rtol=1e-6)
+    assert not any("wide" in k for k in list(out["scalars"]) + list(out["units"]))
+    assert min(abs(float(out["scalars"]["landscape/beta_argmax"]) - e) for e in (0.05, 0.1, 0.2, 0.4)) < 1e-7
+
+
 # ---------------------------------------------------------------------- gradient growth
 
 
@@ -306,6 +351,13 @@ def test_validate_rejects_bad_probe_settings():
     config.probes.landscape.step_sizes = []
     with pytest.raises(config_lib.ConfigError, match="step_sizes"):
         config_lib.validate(config)
+    for key, bad, match in (("step_range", (4.0, 0.5), "step_range"), ("wide_range", (0.0, 30.0), "wide_range"),
+                            ("spacing", "cubic", "spacing"), ("num_steps", 0, "step_range")):
+        config = small()
+        config.probes.landscape.relative = True
+        config.probes.landscape[key] = bad
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.validate(config)
 
 
 # ------------------------------------------------------------------------ end to end

@@ -61,9 +61,7 @@ def validate(cfg) -> None:
         raise ValueError(f"probes.drift.percentile_samples must be >= 0, got {cfg.drift.percentile_samples}")
     if int(cfg.drift.probe_batch_size) < 0:
         raise ValueError(f"probes.drift.probe_batch_size must be >= 0, got {cfg.drift.probe_batch_size}")
-    etas = list(cfg.landscape.step_sizes)
-    if not etas or any(float(e) <= 0 for e in etas):
-        raise ValueError(f"probes.landscape.step_sizes must be a non-empty list of positive floats, got {etas}")
+    landscape.validate(cfg.landscape)
 
 
 def enabled(config) -> dict[str, int]:
