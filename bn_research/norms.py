@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_groups = 4  # group norm: channel groups (must divide every layer's width)
     c.wn_data_init = True  # weight: data-dependent init of g and b (Salimans & Kingma 2016, sec. 3)
     c.wn_mean_only_bn = False  # weight: add mean-only batch norm (Salimans & Kingma 2016, sec. 4)
+    c.wn_init_std = 0.0  # weight: v ~ N(0, wn_init_std^2) (Salimans & Kingma 2016: 0.05); 0 = N(0, init_scale^2/fan_in)
     return c
 
 
@@ -372,6 +373,13 @@ def _conv_same_bwd(res, dy):
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
+def _wn_init_direction(kernel, fan_in, init_scale, init_std):
+    """v ~ N(0, init_std^2) (Salimans & Kingma 2016, sec. 3: 0.05) when init_std > 0: the
+    kernel was drawn N(0, init_scale^2 / fan_in), so rescale the same draw."""
+    if init_std > 0:
+        kernel.value = kernel.value * (init_std * jnp.sqrt(fan_in) / init_scale)
+
+
 def _wn_weight(v, g):
     # Salimans & Kingma 2016, eq. 2: w = g * v / ||v||, one norm per output unit.
     axes = tuple(range(v.ndim - 1))
@@ -382,11 +390,13 @@ class WNDense(Dense):
     """Weight-normalized dense layer: w = g * v / ||v|| (Salimans & Kingma 2016, eq. 2).
 
     `kernel` holds the direction parameter v, `g` the length; the effective weight is
-    `weight()`. `data_init(x)` does the data-dependent initialization of sec. 3.
+    `weight()`. `data_init(x)` does the data-dependent initialization of sec. 3. With
+    `init_std` > 0, v ~ N(0, init_std^2) (sec. 3 uses 0.05) instead of N(0, init_scale^2/fan_in).
     """
 
-    def __init__(self, fan_in, fan_out, *, use_bias, init_scale=1.0, rngs: nnx.Rngs):
+    def __init__(self, fan_in, fan_out, *, use_bias, init_scale=1.0, init_std=0.0, rngs: nnx.Rngs):
         super().__init__(fan_in, fan_out, use_bias=use_bias, init_scale=init_scale, rngs=rngs)
+        _wn_init_direction(self.kernel, fan_in, init_scale, init_std)
         v = self.kernel.value
         self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), 0)))  # start at w = v
 
@@ -397,11 +407,12 @@ class WNDense(Dense):
 class WNConv(Conv):
     """Weight-normalized convolution, one length per output channel."""
 
-    def __init__(self, fan_in, fan_out, *, use_bias, kernel_size=3, init_scale=1.0, rngs):
+    def __init__(self, fan_in, fan_out, *, use_bias, kernel_size=3, init_scale=1.0, init_std=0.0, rngs):
         super().__init__(
             fan_in, fan_out, use_bias=use_bias, kernel_size=kernel_size,
             init_scale=init_scale, rngs=rngs,
         )
+        _wn_init_direction(self.kernel, fan_in * kernel_size**2, init_scale, init_std)
         v = self.kernel.value
         self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), (0, 1, 2))))
 
@@ -474,4 +485,6 @@ def make_linear(kind: str, fan_in: int, fan_out: int, spec: NormSpec, cfg, *, rn
     use_bias = spec.linear_bias and not (weight_norm and cfg.wn_mean_only_bn)
     cls = {("dense", False): Dense, ("dense", True): WNDense,
            ("conv", False): Conv, ("conv", True): WNConv}[(kind, weight_norm)]
+    if weight_norm:
+        kw["init_std"] = float(cfg.wn_init_std)
     return cls(fan_in, fan_out, use_bias=use_bias, rngs=rngs, **kw)

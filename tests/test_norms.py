@@ -583,3 +583,18 @@ def test_every_variant_builds_and_runs(name, kind, mean_only):
         assert linear.use_bias
     else:
         assert not linear.use_bias  # an affine normalizer makes the bias redundant
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_wn_init_std_draws_v_from_n_0_std(kind):
+    """norm.wn_init_std = 0.05: v ~ N(0, 0.05^2) elementwise (Salimans & Kingma 2016, sec. 3),
+    whatever the fan-in; 0 keeps N(0, 1/fan_in); w = v at init in both cases."""
+    spec = norms.get("weight")
+    fan_in, fan_out = 400, 300
+    for std, want in ((0.05, 0.05), (0.0, 1.0 / np.sqrt(fan_in * (9 if kind == "conv" else 1)))):
+        linear = norms.make_linear(kind, fan_in, fan_out, spec, _cfg(wn_init_std=std), rngs=nnx.Rngs(3))
+        v = np.asarray(linear.kernel.value).ravel()
+        assert np.std(v) == pytest.approx(want, rel=0.01)
+        assert abs(np.mean(v)) < 4 * want / np.sqrt(v.size)
+        assert stats.kstest(v / want, "norm").pvalue > 1e-3
+        np.testing.assert_allclose(np.asarray(linear.weight()), np.asarray(linear.kernel.value), rtol=1e-5, atol=1e-7)
