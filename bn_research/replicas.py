@@ -187,9 +187,11 @@ class _Run:
         """Metrics rows {step: {key: value}}, with the recorder's per-unit arrays of those steps."""
         units = self.recorder.units
         for row_step in sorted(set(rows) | set(units)):
-            if rows.get(row_step) or units.get(row_step):
-                self.writer.write(row_step, rows.get(row_step, {}), units.get(row_step))
-                self.last.update(rows.get(row_step, {}))
+            if rows.get(row_step):
+                self.writer.write(row_step, rows[row_step])
+                self.last.update(rows[row_step])
+            if units.get(row_step):
+                self.writer.histograms(row_step, units[row_step])
 
     def process(self, end: int, host: dict, eval_host: dict | None) -> None:
         """Log one fetched chunk (same rows as `train.train_and_evaluate`)."""

@@ -261,14 +261,18 @@ class MetricsWriter:
         self._file = open(workdir / METRICS, "a")  # noqa: SIM115
         self._tb = tensorboard_log.EventWriter(workdir, config_dict, layer_names)
 
-    def write(self, step: int, scalars: dict, units: dict | None = None) -> None:
-        """One row of scalars {key: value}; `units` {(layer, stat): [U]} go to TensorBoard only
-        (the per-layer store holds them for `runs.load`)."""
+    def write(self, step: int, scalars: dict) -> None:
+        """One row of scalars {key: value}."""
         row = {"step": int(step)}
         row.update({k: float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(_jsonable(row)) + "\n")
         self._file.flush()
-        self._tb.write(step, scalars, units)
+        self._tb.write(step, scalars)
+
+    def histograms(self, step: int, units: dict) -> None:
+        """Per-unit arrays {(layer, stat): [U]} of one step, to TensorBoard only (the per-layer
+        store holds them for `runs.load`)."""
+        self._tb.histograms(step, units)
 
     def resume(self, step: int) -> None:
         """Mark a restart at `step` in the event log (earlier files' later steps are dropped)."""

@@ -63,7 +63,8 @@ class EventWriter:
     """One event file in `workdir`; call `write` at log rows only.
 
         w = EventWriter(workdir, config.to_dict(), model.layer_names())
-        w.write(100, {"train/loss": 0.3}, {("dense_0", "dist/train/act_in_mean"): values})
+        w.write(100, {"train/loss": 0.3})
+        w.histograms(100, {("dense_0", "dist/train/act_in_mean"): values})
     """
 
     def __init__(self, workdir, config_dict: dict | None = None, layer_names=()):
@@ -81,16 +82,22 @@ class EventWriter:
 
         self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
-    def write(self, step: int, scalars: dict, units: dict | None = None) -> None:
-        """Scalars {key: value} and per-unit arrays {(layer, stat): [U]} of one step."""
+    def write(self, step: int, scalars: dict) -> None:
+        """Scalars {metrics key: value} of one step."""
         from tensorboard.compat.proto import summary_pb2
-        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
         from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 
+        values = [v for key, x in scalars.items() for v in scalar_pb(tag(key, self.layer_names), float(x)).value]
+        if values:
+            self._add(step, summary_pb2.Summary(value=values))
+
+    def histograms(self, step: int, units: dict) -> None:
+        """Per-unit arrays {(layer, stat): [U]} of one step, one histogram each."""
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+
         values = []
-        for key, v in scalars.items():
-            values.extend(scalar_pb(tag(key, self.layer_names), float(v)).value)
-        for (layer, stat), v in (units or {}).items():
+        for (layer, stat), v in units.items():
             v = np.asarray(v, np.float64).ravel()
             if v.size and np.isfinite(v).all():  # TensorBoard cannot bucket inf/nan
                 values.extend(histogram_pb(units_tag(layer, stat), v).value)

@@ -247,9 +247,11 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
 
     def write_rows(rows):
         for row_step in sorted(set(rows) | set(recorder.units)):
-            if rows.get(row_step) or recorder.units.get(row_step):
-                writer.write(row_step, rows.get(row_step, {}), recorder.units.get(row_step))
-                last.update(rows.get(row_step, {}))
+            if rows.get(row_step):
+                writer.write(row_step, rows[row_step])
+                last.update(rows[row_step])
+            if recorder.units.get(row_step):
+                writer.histograms(row_step, recorder.units[row_step])
 
     def process(item):
         nonlocal done, t_done
