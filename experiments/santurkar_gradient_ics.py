@@ -59,6 +59,9 @@ SETTINGS = {
     "dln_project": ("deep_linear.py", "", {}, 1000, 20, 50),
     "cnn": ("cnn.py", "width=8", {}, 300, 10, 25),
 }
+# --quick: shallower, narrower networks (compile time), same claims
+QUICK = {"dln_paper": {"model.depth": 4}, "dln_project": {"model.depth": 3, "model.width": 16},
+         "cnn": {"model.depth": 2, "model.width": 4}}
 NOT_REDUCED = 0.5  # ratio BN / none above this: "not reduced by more than 2x"
 
 ICS_PAPER_HI = common.Claim(
@@ -100,6 +103,7 @@ def arm_config(setting: str, norm: str, quick: bool):
     steps = quick_steps if quick else steps
     every = max(steps // 4, 1) if quick else every
     arg = ",".join(filter(None, [arg, f"norm={norm}"]))
+    over = {**over, **QUICK[setting]} if quick else over
     return common.config(file, arg, **{
         **over, "train.num_steps": steps, "train.log_every": every, "train.eval_every": steps,
         "probes.ics.enabled": True, "probes.ics.every": every, "probes.drift.enabled": False,
@@ -190,7 +194,8 @@ COLORS = {"batch": "C0", "none": "C3"}
 
 def _mean_curve(arm_runs, stat, layers=None):
     """(steps, mean over seeds of the layer-averaged stat) over the completed runs."""
-    done = [r for r in arm_runs if r.summary.get("status") == "completed"]
+    done = [r for r in arm_runs if r.summary.get("status") == "completed"
+            and all(f"ics/{n}/{stat}" in r.metrics for n in layers or [])]  # --quick lacks layers #9, #17
     if not done:
         return np.array([]), np.array([])
     series = [layer_series(r, stat, layers) for r in done]

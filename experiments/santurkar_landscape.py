@@ -52,6 +52,7 @@ NAME = "santurkar_landscape"
 PAPER = "Santurkar et al. 2018"
 ARMS = ("batch", "none")  # model.norm of the two arms
 DEPTH, WIDTH = 10, 64  # hidden ReLU layers and units
+QUICK_DEPTH = 3  # --quick: a shallower network (compile time), same claims
 BATCH = 128  # the paper's batch size
 STEPS, QUICK_STEPS = 600, 20  # training steps (full, --quick)
 EVERY, QUICK_EVERY = 50, 5  # landscape probe cadence
@@ -83,9 +84,10 @@ CLAIMS = {(cond, stat): _claim(f"landscape_{short}_{cond}", stat, what, COND_TEX
                                     ("landscape/beta", "beta", "effective beta-smoothness"))}
 
 
-def base_config(norm: str, steps: int):
+def base_config(norm: str, quick: bool):
     """configs/mlp.py turned into this experiment's deep ReLU MLP (probes off)."""
-    return common.config("mlp.py", f"norm={norm},depth={DEPTH},width={WIDTH},activation=relu", **{
+    steps, depth = (QUICK_STEPS, QUICK_DEPTH) if quick else (STEPS, DEPTH)
+    return common.config("mlp.py", f"norm={norm},depth={depth},width={WIDTH},activation=relu", **{
         "model.init_scale": math.sqrt(2.0),  # He init: std sqrt(2 / fan_in)
         "optimizer.name": "sgd", "optimizer.schedule": "constant",
         "train.batch_size": BATCH, "train.num_steps": steps, "train.eval_every": steps,
@@ -94,8 +96,8 @@ def base_config(norm: str, steps: int):
 
 
 def landscape_config(norm: str, lr: float, quick: bool):
-    steps, every = (QUICK_STEPS, QUICK_EVERY) if quick else (STEPS, EVERY)
-    c = base_config(norm, steps)
+    c = base_config(norm, quick)
+    every = QUICK_EVERY if quick else EVERY
     c.update_from_flattened_dict({
         "optimizer.learning_rate": float(lr), "train.log_every": every,
         "probes.landscape.enabled": True, "probes.landscape.every": every,
@@ -111,10 +113,9 @@ def stable(run) -> bool:
 
 def own_rates(args, seeds) -> tuple[dict, dict]:
     """({norm: largest rate of RATES stable on every seed}, the pilot grids)."""
-    steps = QUICK_STEPS if args.quick else STEPS
     grids, best = {}, {}
     for norm in ARMS:
-        grids[norm] = common.run_grid(base_config(norm, steps), f"{args.workdir}/pilot/{norm}", seeds, RATES)
+        grids[norm] = common.run_grid(base_config(norm, args.quick), f"{args.workdir}/pilot/{norm}", seeds, RATES)
         ok = [r for r in RATES if all(stable(grids[norm][(s, r)]) for s in seeds)]
         best[norm] = max(ok) if ok else SAME_LR
     return best, grids
