@@ -1,8 +1,10 @@
 """`bn-research train | compare | sweep | reproduce` (also `python -m bn_research`).
 
-The only module that defines flags. Usage errors (unknown config keys, wrong types,
-unknown variants, datasets or models, a workdir holding another run) print one line
-and exit with code 2 before any work starts.
+The only module that defines flags. `bn-research --help`, `bn-research COMMAND --help`
+(flags, and with --config the config's keys) and `bn-research --version` exit 0.
+Usage errors (unknown config keys, wrong types, unknown variants, datasets or models, a
+workdir holding another run, a bad --sweep axis) print one line and exit with code 2
+before any work starts.
 
 Exit codes: 0 completed (sweep: every point completed or diverged), 1 diverged or failed
 (sweep: a point could not run), 2 usage error, 130 / 143 stopped by SIGINT / SIGTERM

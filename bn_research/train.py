@@ -5,6 +5,11 @@ the previous chunk's metrics while the next chunk runs, so the host never waits 
 device except at the end. Evaluation runs on the test split with running statistics
 every `train.eval_every` steps and at the end.
 
+Progress (`progress.py`): lines when setup and compilation start and end; the chunk
+programs and the evaluation are compiled ahead of time, so `steps_per_s` in the summary
+counts the training loop only (`setup_s`, `compile_s` are recorded beside it); then a bar
+on a terminal or periodic step/loss/steps-per-s/ETA lines elsewhere.
+
 Reliability (see `checkpoint.py`):
 - every `train.checkpoint_every` steps and at the end the whole TrainState is saved
   (asynchronously) with the host-side loop state; running again on the same workdir with
