@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from bn_research import kernels
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults for `config.norm`; every option of every variant."""
@@ -314,63 +316,10 @@ class Conv(Dense):
             self.bias = nnx.Param(jnp.zeros((fan_out,), jnp.float32))
 
     def __call__(self, x):
-        y = conv_same(x, self.weight())
+        y = kernels.conv_same(x, self.weight())
         return y + self.bias.value if self.use_bias else y
 
 
-@jax.custom_batching.custom_vmap
-def _conv_same(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@_conv_same.def_vmap
-def _conv_same_vmap(axis_size, in_batched, x, w):
-    """Under vmap (e.g. replicas): a batch of inputs with one kernel folds into the batch
-    axis; per-replica kernels run one convolution per replica (`lax.map`), because the
-    grouped convolution that vmap would otherwise emit is ~5x slower on XLA:CPU."""
-    x_batched, w_batched = in_batched
-    if not w_batched:
-        n, b = x.shape[:2]
-        return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
-    if x_batched:
-        return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
-    return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
-
-
-@jax.custom_vjp
-def conv_same(x, w):
-    """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes).
-
-    Same forward as `lax.conv_general_dilated`; the gradients are written out so that
-    XLA:CPU runs them fast inside a loop (`lax.scan` over training steps), where it lowers
-    the autodiff gradient convolutions (reversed kernel, batch-as-feature layouts) 10-40x
-    slower than outside one: the input gradient is the forward convolution of dy with the
-    flipped, in/out-swapped kernel, the kernel gradient one matmul per kernel offset,
-    dW[a, b] = sum_{n,h,w} x_pad[n, h+a, w+b]^T dy[n, h, w].
-    """
-    return _conv_same(x, w)
-
-
-def _conv_same_fwd(x, w):
-    return _conv_same(x, w), (x, w)
-
-
-def _conv_same_bwd(res, dy):
-    x, w = res
-    kh, kw, cin, cout = w.shape
-    h, wd = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    dy2 = dy.reshape(-1, cout)
-    dw = jnp.stack([
-        jnp.dot(xp[:, a:a + h, b:b + wd, :].reshape(-1, cin).T, dy2)
-        for a in range(kh) for b in range(kw)
-    ]).reshape(w.shape)
-    # dx = dy (*) flip(W)^T: a forward convolution with a plain HWIO kernel.
-    dx = _conv_same(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-    return dx, dw
-
-
-conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
 def _wn_init_direction(kernel, fan_in, init_scale, init_std):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bn_research import config_lib, data, optim, probes, progress, rundir, step, train
+from bn_research import config_lib, data, kernels, optim, probes, progress, rundir, step, train
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -181,6 +181,7 @@ class _Run:
         self.summary = {"status": "failed", "step": 0, "versions": rundir.versions(),
                         "device_kind": jax.devices()[0].device_kind,
                         "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
+                        "kernels": kernels.kind(),
                         "replica": {"index": index, "count": count, "vectorized": True}}
 
     def write(self, rows: dict) -> None:

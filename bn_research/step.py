@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bn_research import kernels
+
 TrainState = dict[str, Any]
 
 # Per-step metrics every run returns; probes add namespaced keys ("dist/dense_0/...", "ics/dense_0/...").
@@ -67,40 +69,16 @@ def loss_and_metrics(task: str, out, y):
     return loss, {"loss": loss}
 
 
-def epoch_permutation(key, epoch, n: int):
-    """A uniformly shuffled `arange(n)` for epoch `epoch`, drawn from fold_in(key, epoch).
-
-    Each round sorts one uint32 array whose high bits are random and whose low bits hold
-    the current position, so the sort has a single operand and unique keys (XLA:CPU sorts
-    one operand ~8x faster than the key/value pairs of `jax.random.permutation`). Rounds
-    repeat until the random bits exceed 3 log2(n), the birthday bound that
-    `jax.random.permutation` also uses, so ties in the random part barely bias the order.
-    """
-    pos_bits = max(1, (n - 1).bit_length())
-    if pos_bits > 28:
-        return jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    rounds = -(-3 * pos_bits // (32 - pos_bits))
-    mask = jnp.uint32((1 << pos_bits) - 1)
-    key = jax.random.fold_in(key, epoch)
-    positions = jnp.arange(n, dtype=jnp.uint32)
-    perm = None
-    for r in range(rounds):
-        rand = jax.random.bits(jax.random.fold_in(key, r), (n,), jnp.uint32)
-        order = (jnp.sort((rand & ~mask) | positions) & mask).astype(jnp.int32)
-        perm = order if perm is None else perm[order]
-    return perm
-
-
 def get_batch(data, step, key, batch_size: int):
     """Batch number `step` of an epoch-wise shuffled pass over `data` (drop remainder).
 
-    Epoch e visits the examples in the order `epoch_permutation(key, e, n)`; everything
+    Epoch e visits the examples in the order `kernels.epoch_permutation(key, e, n)`; everything
     runs on device. `train_chunk` draws each epoch's permutation once per chunk instead.
     """
     n = data["x"].shape[0]
     steps_per_epoch = n // batch_size
     epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-    perm = epoch_permutation(key, epoch, n)
+    perm = kernels.epoch_permutation(key, epoch, n)
     idx = jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
     return {"x": data["x"][idx], "y": data["y"][idx]}
 
@@ -112,7 +90,7 @@ def chunk_batches(data, start, key, batch_size: int, num_steps: int):
     steps_per_epoch = n // batch_size
     touched = min((num_steps - 1) // steps_per_epoch + 2, num_steps)  # static bound
     first = start // steps_per_epoch
-    perms = jnp.stack([epoch_permutation(key, first + j, n) for j in range(touched)])
+    perms = jnp.stack([kernels.epoch_permutation(key, first + j, n) for j in range(touched)])
 
     def batch(step):
         epoch, pos = step // steps_per_epoch - first, step % steps_per_epoch

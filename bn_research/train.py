@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bn_research import checkpoint, config_lib, data, models, optim, probes, progress, rundir, step
+from bn_research import checkpoint, config_lib, data, kernels, models, optim, probes, progress, rundir, step
 
 
 def chunk_length(config) -> int:
@@ -233,7 +233,8 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
 
     summary = {"status": "failed", "step": start, "versions": rundir.versions(),
                "device_kind": jax.devices()[0].device_kind,
-               "platform": jax.devices()[0].platform, "num_devices": jax.device_count()}
+               "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
+               "kernels": kernels.kind()}
     if resumes:
         summary["resumed_at"] = resumes
     window, last = _window_from_json(meta.get("window", {})), dict(meta.get("last", {}))

@@ -5,24 +5,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_research import models, step, train
+from bn_research import kernels, models, step, train
 from tests.conftest import load_config, tiny
 
 
 @pytest.mark.parametrize("n", [1, 7, 50, 4000])
 def test_epoch_permutation_is_a_permutation(n):
     key = jax.random.key(3)
-    a = np.asarray(step.epoch_permutation(key, 0, n))
+    a = np.asarray(kernels.epoch_permutation_cpu(key, 0, n))
     assert sorted(a.tolist()) == list(range(n))
     if n > 7:
-        b = np.asarray(step.epoch_permutation(key, 1, n))
+        b = np.asarray(kernels.epoch_permutation_cpu(key, 1, n))
         assert not np.array_equal(a, b)
 
 
 def test_epoch_permutation_positions_are_uniform():
     """Over many epochs every element lands in every position about equally often."""
     n, epochs = 8, 4000
-    perms = np.asarray(jax.vmap(lambda e: step.epoch_permutation(jax.random.key(0), e, n))(jnp.arange(epochs)))
+    perms = np.asarray(jax.vmap(lambda e: kernels.epoch_permutation_cpu(jax.random.key(0), e, n))(jnp.arange(epochs)))
     counts = np.stack([(perms == v).sum(0) for v in range(n)])
     assert np.abs(counts / epochs - 1 / n).max() < 0.03
 

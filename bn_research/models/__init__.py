@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bn_research import norms
+from bn_research import kernels, norms
 
 ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
@@ -53,41 +53,6 @@ class Layer(nnx.Module):
         return self.norm(u, train=train, rng=rng), {"norm_in": u, "act_in": z}
 
 
-def _windows_2x2(h):
-    """[B, H, W, C] -> [B, H//2, W//2, C, 4]: the 2x2 windows ('VALID': odd edges dropped),
-    window elements in row-major order."""
-    b, hh, ww, c = h.shape
-    h = h[:, : hh // 2 * 2, : ww // 2 * 2]
-    h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-    return h.reshape(b, hh // 2, ww // 2, c, 4)
-
-
-@jax.custom_vjp
-def max_pool_2x2(h):
-    """2x2 max-pooling with stride 2, NHWC, 'VALID'.
-
-    Equal to `lax.reduce_window(max)` forward and backward (the gradient goes to the first
-    maximum of each window, as `select_and_scatter` does), but built from a reshape and an
-    argmax: XLA:CPU runs the `select_and_scatter` gradient of `reduce_window` ~7x slower.
-    """
-    return _windows_2x2(h).max(-1)
-
-
-def _max_pool_fwd(h):
-    win = _windows_2x2(h)
-    return win.max(-1), (jnp.argmax(win, -1), h.shape)
-
-
-def _max_pool_bwd(res, dy):
-    first, shape = res
-    b, hh, ww, c = shape
-    g = jax.nn.one_hot(first, 4, dtype=dy.dtype) * dy[..., None]
-    g = g.reshape(b, hh // 2, ww // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    g = g.reshape(b, hh // 2 * 2, ww // 2 * 2, c)
-    return (jnp.pad(g, ((0, 0), (0, hh % 2), (0, ww % 2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _layer_rng(rng, i):
@@ -198,7 +163,7 @@ class CNN(nnx.Module):
         for i, name in enumerate(self.layer_names()):
             h, aux[name] = self.layers[name](h, train=train, rng=_layer_rng(rng, i))
             if name in self.pool_after:
-                h = max_pool_2x2(h)
+                h = kernels.max_pool_2x2(h)
         return self.head(h.mean((1, 2))), aux
 
 
@@ -240,4 +205,4 @@ def data_init(model, x):
         out, _ = layer(h, train=False, rng=None)
         h = h + out if (isinstance(model, MLP) and model.residual and i > 0) else out
         if isinstance(model, CNN) and name in model.pool_after:
-            h = max_pool_2x2(h)
+            h = kernels.max_pool_2x2(h)

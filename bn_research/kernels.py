@@ -1,0 +1,185 @@
+"""Kernels chosen per backend, in one place.
+
+XLA:CPU runs a few operations far slower than mathematically equal rewrites of them
+(measured by `benchmarks/run.py`; numbers in the docstrings below). On the CPU backend the
+package uses the rewrites; on every other backend (GPU, TPU) it uses XLA's own operations
+(cuDNN convolutions, `reduce_window` / `select_and_scatter`, `jax.random.permutation`),
+which were not measured to lose there. `kind()` says which set a process uses (recorded
+in summary.json as `kernels`); `BN_RESEARCH_KERNELS=xla` or `=cpu` overrides the choice.
+tests/test_kernels.py checks that both sets give the same values, gradients and vmaps.
+
+    conv_same(x, w)                 stride-1 'SAME' NHWC x HWIO convolution
+    max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
+    epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
+
+The choice is made when a function is traced (`jax.default_backend()`), never at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("cpu", "xla")
+
+
+def kind() -> str:
+    """'cpu' (the rewrites measured faster on XLA:CPU) or 'xla' (XLA's own operations)."""
+    forced = os.environ.get("BN_RESEARCH_KERNELS", "")
+    if forced:
+        if forced not in KINDS:
+            raise ValueError(f"BN_RESEARCH_KERNELS={forced!r}; choose one of: {', '.join(KINDS)}")
+        return forced
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+
+
+def conv_same(x, w):
+    """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes)."""
+    return conv_same_cpu(x, w) if kind() == "cpu" else conv_same_xla(x, w)
+
+
+def max_pool_2x2(h):
+    """2x2 max-pooling with stride 2, NHWC, 'VALID' (odd edges dropped)."""
+    return max_pool_2x2_cpu(h) if kind() == "cpu" else max_pool_2x2_xla(h)
+
+
+def epoch_permutation(key, epoch, n: int):
+    """A uniformly shuffled `arange(n)` for epoch `epoch`, drawn from fold_in(key, epoch).
+    The two kinds draw different (equally uniform) permutations from the same key."""
+    if kind() == "cpu":
+        return epoch_permutation_cpu(key, epoch, n)
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+
+
+# ---------------------------------------------------------------------------------------
+# XLA's own operations (every backend but CPU)
+
+
+def conv_same_xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_pool_2x2_xla(h):
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+# ---------------------------------------------------------------------------------------
+# XLA:CPU rewrites
+
+
+@jax.custom_batching.custom_vmap
+def _conv_same(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@_conv_same.def_vmap
+def _conv_same_vmap(axis_size, in_batched, x, w):
+    """Under vmap (e.g. replicas): a batch of inputs with one kernel folds into the batch
+    axis; per-replica kernels run one convolution per replica (`lax.map`), because the
+    grouped convolution that vmap would otherwise emit is ~5x slower on XLA:CPU."""
+    x_batched, w_batched = in_batched
+    if not w_batched:
+        n, b = x.shape[:2]
+        return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
+    if x_batched:
+        return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
+    return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
+
+
+@jax.custom_vjp
+def conv_same_cpu(x, w):
+    """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes).
+
+    Same forward as `lax.conv_general_dilated`; the gradients are written out so that
+    XLA:CPU runs them fast inside a loop (`lax.scan` over training steps), where it lowers
+    the autodiff gradient convolutions (reversed kernel, batch-as-feature layouts) 10-40x
+    slower than outside one: the input gradient is the forward convolution of dy with the
+    flipped, in/out-swapped kernel, the kernel gradient one matmul per kernel offset,
+    dW[a, b] = sum_{n,h,w} x_pad[n, h+a, w+b]^T dy[n, h, w].
+    """
+    return _conv_same(x, w)
+
+
+def _conv_same_fwd(x, w):
+    return _conv_same(x, w), (x, w)
+
+
+def _conv_same_bwd(res, dy):
+    x, w = res
+    kh, kw, cin, cout = w.shape
+    h, wd = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    dy2 = dy.reshape(-1, cout)
+    dw = jnp.stack([
+        jnp.dot(xp[:, a:a + h, b:b + wd, :].reshape(-1, cin).T, dy2)
+        for a in range(kh) for b in range(kw)
+    ]).reshape(w.shape)
+    # dx = dy (*) flip(W)^T: a forward convolution with a plain HWIO kernel.
+    dx = _conv_same(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    return dx, dw
+
+
+conv_same_cpu.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def _windows_2x2(h):
+    """[B, H, W, C] -> [B, H//2, W//2, C, 4]: the 2x2 windows ('VALID': odd edges dropped),
+    window elements in row-major order."""
+    b, hh, ww, c = h.shape
+    h = h[:, : hh // 2 * 2, : ww // 2 * 2]
+    h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return h.reshape(b, hh // 2, ww // 2, c, 4)
+
+
+@jax.custom_vjp
+def max_pool_2x2_cpu(h):
+    """2x2 max-pooling with stride 2, NHWC, 'VALID'.
+
+    Equal to `lax.reduce_window(max)` forward and backward (the gradient goes to the first
+    maximum of each window, as `select_and_scatter` does), but built from a reshape and an
+    argmax: XLA:CPU runs the `select_and_scatter` gradient of `reduce_window` ~7x slower.
+    """
+    return _windows_2x2(h).max(-1)
+
+
+def _max_pool_fwd(h):
+    win = _windows_2x2(h)
+    return win.max(-1), (jnp.argmax(win, -1), h.shape)
+
+
+def _max_pool_bwd(res, dy):
+    first, shape = res
+    b, hh, ww, c = shape
+    g = jax.nn.one_hot(first, 4, dtype=dy.dtype) * dy[..., None]
+    g = g.reshape(b, hh // 2, ww // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    g = g.reshape(b, hh // 2 * 2, ww // 2 * 2, c)
+    return (jnp.pad(g, ((0, 0), (0, hh % 2), (0, ww % 2), (0, 0))),)
+
+
+max_pool_2x2_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def epoch_permutation_cpu(key, epoch, n: int):
+    """A uniformly shuffled `arange(n)` for epoch `epoch`, drawn from fold_in(key, epoch).
+
+    Each round sorts one uint32 array whose high bits are random and whose low bits hold
+    the current position, so the sort has a single operand and unique keys (XLA:CPU sorts
+    one operand ~8x faster than the key/value pairs of `jax.random.permutation`). Rounds
+    repeat until the random bits exceed 3 log2(n), the birthday bound that
+    `jax.random.permutation` also uses, so ties in the random part barely bias the order.
+    """
+    pos_bits = max(1, (n - 1).bit_length())
+    if pos_bits > 28:
+        return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    rounds = -(-3 * pos_bits // (32 - pos_bits))
+    mask = jnp.uint32((1 << pos_bits) - 1)
+    key = jax.random.fold_in(key, epoch)
+    positions = jnp.arange(n, dtype=jnp.uint32)
+    perm = None
+    for r in range(rounds):
+        rand = jax.random.bits(jax.random.fold_in(key, r), (n,), jnp.uint32)
+        order = (jnp.sort((rand & ~mask) | positions) & mask).astype(jnp.int32)
+        perm = order if perm is None else perm[order]
+    return perm

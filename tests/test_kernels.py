@@ -1,0 +1,101 @@
+"""The XLA:CPU rewrites in bn_research/kernels.py equal XLA's own operations: values,
+gradients (the hand-written VJPs against autodiff of the XLA op) and vmap rules (against
+a loop), so the backend choice changes speed only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bn_research import kernels
+
+
+def _xw(key, b=3, h=7, w=6, cin=4, cout=5, k=3):
+    kx, kw = jax.random.split(key)
+    return jax.random.normal(kx, (b, h, w, cin)), jax.random.normal(kw, (k, k, cin, cout))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_conv_values_and_gradients_match_xla(k):
+    x, w = _xw(jax.random.key(k), k=k)
+    np.testing.assert_allclose(kernels.conv_same_cpu(x, w), kernels.conv_same_xla(x, w), rtol=1e-5, atol=1e-5)
+    dy = jax.random.normal(jax.random.key(9), kernels.conv_same_xla(x, w).shape)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w) * dy)
+
+    gx_cpu, gw_cpu = jax.grad(loss(kernels.conv_same_cpu), (0, 1))(x, w)
+    gx_xla, gw_xla = jax.grad(loss(kernels.conv_same_xla), (0, 1))(x, w)
+    np.testing.assert_allclose(gx_cpu, gx_xla, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw_cpu, gw_xla, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batched", [(True, False), (True, True), (False, True)])
+def test_conv_vmap_rule_matches_a_loop(batched):
+    n = 3
+    xs, ws = zip(*[_xw(jax.random.key(i)) for i in range(n)], strict=True)
+    x_in = jnp.stack(xs) if batched[0] else xs[0]
+    w_in = jnp.stack(ws) if batched[1] else ws[0]
+    axes = tuple(0 if b else None for b in batched)
+    out = jax.vmap(kernels.conv_same_cpu, in_axes=axes)(x_in, w_in)
+    ref = jnp.stack([kernels.conv_same_xla(xs[i] if batched[0] else xs[0], ws[i] if batched[1] else ws[0])
+                     for i in range(n)])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # and its gradient under vmap (replicas differentiate through it)
+    g = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_cpu(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
+    g_ref = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_xla(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 3)])
+def test_max_pool_values_and_gradients_match_xla(shape):
+    h = jax.random.normal(jax.random.key(0), shape)
+    h = h.at[0, 0, 0, 0].set(h[0, 0, 1, 0])  # a tie: the gradient goes to the first maximum in both
+    np.testing.assert_array_equal(kernels.max_pool_2x2_cpu(h), kernels.max_pool_2x2_xla(h))
+    dy = jax.random.normal(jax.random.key(1), kernels.max_pool_2x2_xla(h).shape)
+    g_cpu = jax.grad(lambda h: jnp.sum(kernels.max_pool_2x2_cpu(h) * dy))(h)
+    g_xla = jax.grad(lambda h: jnp.sum(kernels.max_pool_2x2_xla(h) * dy))(h)
+    np.testing.assert_allclose(g_cpu, g_xla, rtol=0, atol=0)
+
+
+def test_both_permutations_are_uniform_permutations(monkeypatch):
+    n, epochs = 8, 2000
+    for kind in kernels.KINDS:
+        monkeypatch.setenv("BN_RESEARCH_KERNELS", kind)
+        perms = np.stack([np.asarray(kernels.epoch_permutation(jax.random.key(0), e, n)) for e in range(epochs)])
+        assert (np.sort(perms, 1) == np.arange(n)).all(), kind
+        counts = np.stack([(perms == v).sum(0) for v in range(n)])
+        assert np.abs(counts / epochs - 1 / n).max() < 0.04, kind
+
+
+def test_kind_follows_the_backend_and_the_override(monkeypatch):
+    monkeypatch.delenv("BN_RESEARCH_KERNELS", raising=False)
+    assert kernels.kind() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    monkeypatch.setenv("BN_RESEARCH_KERNELS", "xla")
+    assert kernels.kind() == "xla"
+    monkeypatch.setenv("BN_RESEARCH_KERNELS", "tpu_magic")
+    with pytest.raises(ValueError, match="choose one of: cpu, xla"):
+        kernels.kind()
+
+
+def test_cnn_trains_the_same_with_either_kernel_set(monkeypatch):
+    """Six steps of the CNN: the loss trajectory with XLA's convolution and pooling equals the
+    one with the CPU rewrites (both runs draw the data order with the same permutation)."""
+    from bn_research import train
+    from tests.conftest import load_config
+
+    c = load_config("cnn", "width=4")
+    c.train.num_steps, c.train.log_every, c.train.eval_every, c.train.batch_size = 6, 1, 6, 8
+    for p in c.probes:
+        c.probes[p].enabled = False
+    monkeypatch.setattr(kernels, "epoch_permutation", kernels.epoch_permutation_cpu)
+    losses = {}
+    for kind in kernels.KINDS:
+        monkeypatch.setenv("BN_RESEARCH_KERNELS", kind)
+        s = train.setup(c)
+        fns = s["fns"]
+        state, metrics = jax.jit(fns.train_chunk, static_argnums=2)(s["state"], s["data"]["train"], 6)
+        losses[kind] = np.asarray(metrics["loss"])
+    assert losses["cpu"].shape == (6,) and np.isfinite(losses["cpu"]).all()
+    np.testing.assert_allclose(losses["cpu"], losses["xla"], rtol=1e-4)
