@@ -2,8 +2,8 @@
 
 Every function takes runs (run directories, directories holding runs such as a sweep root,
 or loaded `runs.Run`s), groups them by config (`runs.group`: the seeds of one config are
-one group) and draws each group as the mean over its seeds with a band of ± one standard
-deviation, coloured by variant (`model.norm`; groups sharing a variant differ in line
+one group) and draws each group as the mean over its seeds with a band from the smallest
+to the largest seed's value, coloured by variant (`model.norm`; groups sharing a variant differ in line
 style). Axes are labelled, legends sit outside the axes, and each function returns a
 pyplot figure: a notebook shows it inline; a script saves it (`fig.savefig`) and closes it
 (`plt.close(fig)`). Importing this module leaves the matplotlib backend alone.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import ticker
 from matplotlib.backend_bases import FigureCanvasBase
 
 from bn_research import runs as runs_lib
@@ -22,7 +23,7 @@ VARIANT_COLORS = {"batch": "tab:blue", "none": "tab:orange", "weight": "tab:gree
                   "layer": "tab:brown", "group": "tab:pink"}
 LINESTYLES = ("-", "--", ":", "-.")
 PERCENTILES = ("act_in_p15", "act_in_p50", "act_in_p85")
-BAND = "line: mean over seeds, band: ± 1 std"
+BAND = "line: mean over seeds, band: min to max over seeds"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -43,13 +44,18 @@ def _styles(groups) -> dict:
 
 
 def series(group, key: str) -> pd.DataFrame:
-    """One metric of a group against step: columns step, mean, std (NaN with one seed), n."""
-    parts = [r.metrics[["step", key]].dropna().set_index("step")[key] for r in group.runs if key in r.metrics]
+    """One metric of a group against step: columns step, mean, std (NaN with one seed), min, max, n."""
+    return _over_seeds([r.metrics[["step", key]].dropna().set_index("step")[key]
+                        for r in group.runs if key in r.metrics])
+
+
+def _over_seeds(parts) -> pd.DataFrame:
+    """Per-seed series (indexed by step) -> step, mean, std, min, max, n."""
     if not parts:
-        return pd.DataFrame(columns=["step", "mean", "std", "n"])
-    wide = pd.concat(parts, axis=1)
-    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=1),
-                         "n": wide.notna().sum(axis=1)}).rename_axis("step").reset_index()
+        return pd.DataFrame(columns=["step", "mean", "std", "min", "max", "n"])
+    wide = pd.concat(parts, axis=1).astype("float64")
+    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=1), "min": wide.min(axis=1),
+                         "max": wide.max(axis=1), "n": wide.notna().sum(axis=1)}).rename_axis("step").reset_index()
 
 
 def _draw(ax, s: pd.DataFrame, style: dict, label=None, band: bool = True):
@@ -57,9 +63,8 @@ def _draw(ax, s: pd.DataFrame, style: dict, label=None, band: bool = True):
         return
     few = len(s) <= 5  # a short run: markers, so a single point is still visible
     ax.plot(s["step"], s["mean"], label=label, marker="o" if few else None, ms=3, lw=1.5, **style)
-    if band and s["std"].notna().any():
-        ax.fill_between(s["step"], s["mean"] - s["std"], s["mean"] + s["std"], color=style["color"],
-                        alpha=0.2, lw=0)
+    if band and (s["n"] > 1).any():
+        ax.fill_between(s["step"], s["min"], s["max"], color=style["color"], alpha=0.2, lw=0)
 
 
 def _axes(nrows: int, ncols: int, w: float = 3.2, h: float = 2.4, **kw):
@@ -73,8 +78,8 @@ def _axes(nrows: int, ncols: int, w: float = 3.2, h: float = 2.4, **kw):
 def _legend(fig, groups, styles, title=BAND):
     handles = [plt.Line2D([], [], lw=2, **styles[g.label]) for g in groups]
     labels = [f"{g.label} ({len(g.seeds)} seed{'s' if len(g.seeds) != 1 else ''})" for g in groups]
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title=title, title_fontsize=7,
-               frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8, title=title,
+               title_fontsize=8, frameon=False)
 
 
 def _keys(groups) -> list[str]:
@@ -97,10 +102,22 @@ def _layers(keys, namespace: str) -> list[str]:
     return sorted(layers, key=lambda n: (runs_lib.layer_index(n), n))
 
 
-def _log_if_positive(ax, values):
+def _log_if_positive(ax, values, ratio: float = 20):
+    """A log y axis when the values are positive and span more than `ratio`."""
     v = np.asarray([x for x in values if np.isfinite(x)])
-    if len(v) and (v > 0).all() and v.max() / v.min() > 20:
-        ax.set_yscale("log")
+    if len(v) and (v > 0).all() and v.max() / v.min() > ratio:
+        _logy(ax)
+
+
+def _logy(ax):
+    """A log y axis labelled in plain numbers at 1, 2, 5 x 10^k (only 10^k beyond three decades)."""
+    ax.set_yscale("log")
+    lo, hi = ax.dataLim.intervaly
+    wide = not lo > 0 or hi / lo > 1e3
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs="auto" if wide else (2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter() if wide else plain)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -108,7 +125,7 @@ def _log_if_positive(ax, values):
 
 def metric_panels(runs, metrics, log=None, title=None):
     """One panel per metric matching `metrics` (fnmatch patterns), against step. `log`: keys
-    (patterns) with a log y axis; default: losses, and any positive metric spanning > 20x."""
+    (patterns) with a log y axis; default: positive losses spanning > 5x, other positive metrics > 20x."""
     groups = runs_lib.group(runs)
     keys = _expand(metrics, _keys(groups))
     styles = _styles(groups)
@@ -121,10 +138,10 @@ def metric_panels(runs, metrics, log=None, title=None):
             _draw(ax, s, styles[g.label])
             values += list(s["mean"])
         ax.set(xlabel="step", ylabel=key)
-        if runs_lib.match([key], log) if log is not None else "loss" in key:
-            ax.set_yscale("log")
-        elif log is None:
-            _log_if_positive(ax, values)
+        if log is not None:
+            _logy(ax) if runs_lib.match([key], log) else None
+        else:
+            _log_if_positive(ax, values, ratio=5 if "loss" in key else 20)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     if title:
@@ -170,7 +187,7 @@ def layer_grid(runs, namespace: str, stats, split: str | None = None, layers=Non
             for g in groups:
                 _draw(ax, series(g, key(layer, stat)), styles[g.label])
             if log:
-                ax.set_yscale("log")
+                _logy(ax)
             ax.set_ylabel(f"{layer}\n{stat}" if j == 0 else stat, fontsize=8)
             if i == 0:
                 ax.set_title(stat, fontsize=9)
@@ -220,9 +237,8 @@ def percentiles(runs, layer: str | None = None, split: str = "probe", unit: int 
         ax.title.set_fontsize(9)
     axes[0, 0].set_ylabel(f"{layer} nonlinearity input" + (f", unit {unit}" if unit is not None else ""))
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False,
-               title=f"percentile\n({'mean over units' if unit is None else 'one unit'};\nband ± 1 std over seeds)",
-               title_fontsize=7)
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False, title_fontsize=8,
+               title=f"percentile ({'mean over units' if unit is None else f'unit {unit}'}); band: seeds' range")
     fig.suptitle(f"{layer}: 15/50/85th percentiles of the nonlinearity input ({split} batch)")
     return fig
 
@@ -234,12 +250,8 @@ def _percentile_series(group, key: str, unit):
     for r in group.runs:
         ls = r.layer_stats
         one = ls[(ls["key"] == key) & (ls["unit"] == unit)]
-        parts.append(one.set_index("step")["value"].astype("float64"))
-    wide = pd.concat(parts, axis=1) if parts else pd.DataFrame()
-    if wide.empty:
-        return pd.DataFrame(columns=["step", "mean", "std", "n"])
-    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=1),
-                         "n": wide.notna().sum(axis=1)}).rename_axis("step").reset_index()
+        parts.append(one.set_index("step")["value"])
+    return _over_seeds([p for p in parts if len(p)])
 
 
 def grad_norm_by_layer(runs, steps=("first", "last"), stat: str = "norm"):
@@ -259,13 +271,12 @@ def grad_norm_by_layer(runs, steps=("first", "last"), stat: str = "norm"):
         for g in groups:
             per_layer = [series(g, f"grad/{n}/{stat}") for n in layers]
             rows = [_at(s, when) for s in per_layer]
-            mean = np.array([r[0] for r in rows])
-            std = np.array([r[1] for r in rows])
-            shown |= {r[2] for r in rows if r[2] is not None}
+            mean, lo, hi = (np.array([r[i] for r in rows]) for i in range(3))
+            shown |= {r[3] for r in rows if r[3] is not None}
             ax.plot(x, mean, marker="o", ms=4, **styles[g.label])
-            if np.isfinite(std).any():
-                ax.fill_between(x, mean - std, mean + std, color=styles[g.label]["color"], alpha=0.2, lw=0)
-        ax.set_yscale("log")
+            if len(g.runs) > 1:
+                ax.fill_between(x, lo, hi, color=styles[g.label]["color"], alpha=0.2, lw=0)
+        _logy(ax)
         ax.set_xticks(x)
         ax.set(xlabel="layer index l", title=_when(when, shown))
         ax.title.set_fontsize(9)
@@ -276,12 +287,12 @@ def grad_norm_by_layer(runs, steps=("first", "last"), stat: str = "norm"):
 
 
 def _at(s: pd.DataFrame, when):
-    """(mean, std, step) of a series at 'first', 'last' or the logged step nearest `when`."""
+    """(mean, min, max, step) of a series at 'first', 'last' or the logged step nearest `when`."""
     if s.empty:
-        return np.nan, np.nan, None
+        return np.nan, np.nan, np.nan, None
     i = 0 if when == "first" else len(s) - 1 if when == "last" else int((s["step"] - int(when)).abs().idxmin())
     row = s.iloc[i] if when in ("first", "last") else s.loc[i]
-    return float(row["mean"]), float(row["std"]), int(row["step"])
+    return float(row["mean"]), float(row["min"]), float(row["max"]), int(row["step"])
 
 
 def _when(when, shown) -> str:
@@ -297,22 +308,23 @@ def landscape(runs, stats=("loss_range", "grad_diff_max", "beta")):
     return metric_panels(runs, [f"landscape/{s}" for s in stats], title="loss landscape along -∇L")
 
 
-def grad_ics(runs, stats=("grad_diff_rel", "grad_cos"), skip_first: bool = True):
+def grad_ics(runs, stats=("grad_diff_rel", "grad_cos"), layers=None, skip_first: bool = True):
     """Santurkar et al. (2018) Def. 2.1: gradient-based ICS per layer over training,
-    ‖G − G′‖/‖G‖ and cos(G, G′) (`probes.ics`); the first layer has no earlier layers
-    (G′ = G) and is left out unless `skip_first=False`."""
+    ‖G − G′‖/‖G‖ and cos(G, G′) (`probes.ics`); `layers` (names or patterns) picks rows;
+    the first layer has no earlier layers (G′ = G) and is left out unless `skip_first=False`."""
     loaded = runs_lib.load_all(runs)
-    layers = _layers({k for r in loaded for k in r.keys()}, "ics")
-    chosen = layers[1:] if skip_first and len(layers) > 1 else layers
-    return layer_grid(loaded, "ics", stats, layers=chosen or None,
+    found = _layers({k for r in loaded for k in r.keys()}, "ics")
+    chosen = found[1:] if skip_first and len(found) > 1 else found
+    chosen = [n for n in chosen if layers is None or runs_lib.match([n], layers)]
+    return layer_grid(loaded, "ics", stats, layers=chosen,
                       title="gradient ICS: G at step t vs G′ after the earlier layers' update")
 
 
-def weights(runs, stats=("w_norm", "eff_lr")):
+def weights(runs, stats=("w_norm", "eff_lr"), layers=None):
     """Kohler et al. (2019); Salimans & Kingma (2016): weight norm ‖w‖ and effective step
     size η/‖w‖² per layer over training (`probes.weights`; eff_lr exists only for
-    scale-invariant layers)."""
-    return layer_grid(runs, "weights", stats, title="weight norm and effective step size")
+    scale-invariant layers); `layers` (names or patterns) picks rows."""
+    return layer_grid(runs, "weights", stats, layers=layers, title="weight norm and effective step size")
 
 
 def save(fig, path, dpi: int = 110) -> None:
@@ -334,3 +346,48 @@ def check_path(path) -> str | None:
     if not path.parent.is_dir():
         return f"cannot write a figure to {path}: directory {path.parent} does not exist"
     return None
+
+
+def claims_forest(claims):
+    """A forest plot of experiment claims (the `claims.json` schema): each claim's measured
+    mean with its 95% CI over seeds, green when it holds and red when it does not, and the
+    criterion's bounds as dashed lines; one row per claim, each on its own x scale (the
+    metrics differ)."""
+    claims = list(claims)
+    fig, axes = plt.subplots(len(claims), 1, figsize=(8, 0.62 * len(claims) + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, c in zip(axes[:, 0], claims, strict=True):
+        m = c["measured"]
+        mean, (lo, hi) = float(m["mean"]), (float(x) for x in m["ci95"])
+        color = "tab:green" if c.get("holds") else "tab:red"
+        finite = np.isfinite(lo) and np.isfinite(hi)
+        err = [[mean - lo], [hi - mean]] if finite else None
+        ax.errorbar([mean], [0], xerr=err, fmt="o", color=color, capsize=3, ms=5)
+        bounds = criterion_bounds(c)
+        for b in bounds:
+            ax.axvline(b, color="0.4", ls="--", lw=1)
+        xs = np.array([mean, *bounds, *((lo, hi) if finite else ())])
+        pad = 0.1 * (np.ptp(xs) or abs(mean) or 1.0)
+        ax.set_xlim(xs.min() - pad, xs.max() + pad)
+        ax.set_yticks([])
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel(c["id"], rotation=0, ha="right", va="center", fontsize=8)
+        verdict = "holds" if c.get("holds") else "does not hold"
+        ax.set_title(f"{c['criterion']}: {verdict} (n={m['n']})" + ("" if finite else "; no CI with n=1"),
+                     fontsize=7, loc="right", color=color)
+    axes[-1, 0].set_xlabel("measured: mean and 95% CI over seeds (each row in its claim's own units); "
+                           "dashed: the criterion's bound")
+    return fig
+
+
+def criterion_bounds(claim) -> list[float]:
+    """The numbers a claim's criterion compares the CI with (bounds, or the expected value)."""
+    import re
+
+    text = claim.get("criterion", "")
+    out = [float(x) for x in re.findall(r"bound [<>]=? ([-+0-9.eE]+)", text)]
+    for lo, hi in re.findall(r"inside \[([-+0-9.eE]+), ([-+0-9.eE]+)\]", text):
+        out += [float(lo), float(hi)]
+    if "expected" in text and isinstance(claim.get("expected"), (int, float)):
+        out.append(float(claim["expected"]))
+    return out
