@@ -1,7 +1,7 @@
 """Kohler et al. (2019): gradient descent in batch norm's length-direction parametrization
 converges linearly, on Gaussian least squares at the order of plain gradient descent's rate.
 
-    bn-research reproduce kohler_length_direction    # ~1 minute on 2 CPU cores (3 seeds)
+    bn-research reproduce kohler_length_direction    # ~1 CPU-minute; 136-185 s measured under heavy load
     python experiments/kohler_length_direction.py --workdir DIR [--quick] [--seeds N]
 
 Claims (criteria fixed below, before any run; a seed is a random problem instance and
@@ -326,6 +326,8 @@ def verdicts(summ: list[dict], insts: list[dict]) -> list[dict]:
     n_gd = [s["hs"]["gd"]["iters"][i_hs] for s in summ]
     budget = len(insts[0]["hs"]["curves"]["gd"][0])
     r2_hs = [s["hs"]["decoupled"]["r2"][i_hs] for s in summ]
+    hs_ratio = [a / b for a, b in zip(n_dec, n_gd, strict=True)]
+    hs_gd = {key: [s["hs"]["gd"][key][i_hs] for s in summ] for key in ("q", "r2")}
     kappa_rate = (1 - 1 / OLS_COND) ** 2  # GD on a quadratic at eta = 1/L: error contraction (1 - mu/L)^2
     return [
         OLS_LINEAR.verdict(q_dec, note=f"contraction per iteration: decoupled {_fmt(q_dec)}, GD {_fmt(q_gd)} "
@@ -333,11 +335,15 @@ def verdicts(summ: list[dict], insts: list[dict]) -> list[dict]:
         OLS_LOG_LINEAR.verdict(r2_ols, note=f"R^2 over relative suboptimality [{FIT_LO:g}, {FIT_HI:g}]: "
                                f"{_fmt(r2_ols, 6)}"),
         OLS_SAME_ORDER.verdict(ratio, note=f"log-rate ratios decoupled / GD: {_fmt(ratio)}"),
-        HS_FEWER.verdict([a / b for a, b in zip(n_dec, n_gd, strict=True)],
+        HS_FEWER.verdict(hs_ratio,
                          note=f"iterations to {TOL:g}: decoupled {n_dec}, GD {n_gd} (budget {budget}; a count equal "
-                              f"to the budget is censored); each decoupled iteration also runs {BISECTION_STEPS} "
-                              "bisection steps on n scalars"),
-        HS_LOG_LINEAR.verdict(r2_hs, note=f"R^2: {_fmt(r2_hs, 6)}; contraction: "
+                              f"to the budget is censored), ratios {_fmt(hs_ratio, 3)}; each decoupled iteration "
+                              f"also runs {BISECTION_STEPS} bisection steps on n scalars. GD at 1/L converges "
+                              f"linearly here too (contraction {_fmt(hs_gd['q'])}, R^2 {_fmt(hs_gd['r2'], 4)}): "
+                              "with label noise the logistic objective is strongly convex near its minimizer"),
+        HS_LOG_LINEAR.verdict(r2_hs, note=f"R^2: {_fmt(r2_hs, 6)} (lowest instance {min(r2_hs):.4f}; the criterion "
+                              f"is on the 95% CI lower bound, {common.ci95(r2_hs)['ci95'][0]:.4f} at "
+                              f"n={len(r2_hs)}); contraction: "
                               f"{_fmt([s['hs']['decoupled']['q'][i_hs] for s in summ])}"),
     ]
 
@@ -359,7 +365,10 @@ def figure(insts: list[dict], summ: list[dict]):
                     label=f"GD, best eta = {d['etas'][best]:g}/L")
         ax.semilogy(d["curves"]["decoupled"][i1] / d["ref"], color=colors["decoupled"], label="decoupled, eta = 1/L")
         ax.axhspan(FIT_LO, FIT_HI, color="0.9", zorder=0, label="fit window")
-        ax.set(xlabel="iteration", ylabel="(f - f*) / (f(w0) - f*)", title=f"{title}, seed 0", ylim=(1e-16, 10))
+        shown = [d["curves"]["gd"][i1], d["curves"]["gd"][best], d["curves"]["decoupled"][i1]]
+        end = max(iterations_to(c, d["ref"], 1e-16) for c in shown)
+        ax.set(xlabel="iteration", ylabel="(f - f*) / (f(w0) - f*)", title=f"{title}, seed 0", ylim=(1e-16, 10),
+               xlim=(0, 1.1 * end))
     for ax, prob, key, ylabel in ((axes[2], "ols", "q", "contraction per iteration"),
                                   (axes[3], "hs", "iters", f"iterations to {TOL:g}")):
         etas = insts[0][prob]["etas"]
@@ -368,7 +377,9 @@ def figure(insts: list[dict], summ: list[dict]):
             ax.plot(etas, vals.mean(axis=0), marker="o", color=colors[m], label=m)
             for row in vals:
                 ax.scatter(etas, row, s=10, color=colors[m], alpha=0.5)
-        ax.set(xscale="log", xlabel="eta * L", ylabel=ylabel,
+        if key == "iters":
+            ax.axhline(len(insts[0][prob]["curves"]["gd"][0]), ls="--", color="0.5", label="budget: not reached")
+        ax.set(xscale="linear" if prob == "ols" else "log", xlabel="eta * L", ylabel=ylabel,
                title=f"({'c' if prob == 'ols' else 'd'}) {'least squares' if prob == 'ols' else 'halfspaces'}: "
                      "step-size sweep")
     for ax in axes:
@@ -389,8 +400,13 @@ def report(args, insts, summ, claims, iters):
             for j, eta in enumerate(insts[0][prob]["etas"]):
                 q = [s[prob][m]["q"][j] for s in summ]
                 n = [s[prob][m]["iters"][j] for s in summ]
-                rows.append([label, m, f"{eta:g}/L", float(np.mean(q)), float(np.mean(n))])
+                budget = len(insts[0][prob]["curves"][m][j])
+                missed = sum(c >= budget for c in n)
+                rows.append([label, m, f"{eta:g}/L", float(np.mean(q)) if np.isfinite(q).all() else "no rate",
+                             float(np.mean(n)) if not missed else f"not reached in {budget} ({missed}/{len(n)})"])
     lines += common.table(["problem", "method", "step", "contraction / iteration", f"iterations to {TOL:g}"], rows)
+    lines += ["", "\"no rate\": the relative suboptimality never entered the fit window (the iteration oscillates "
+              "or overflows at this step)."]
     lines += ["", f"Halfspaces: ||w_opt||_S = {_fmt([i['hs']['norm_w_opt'] for i in insts])} per instance.", ""]
     lines += ["## Claims", ""] + common.claims_table(claims)
     lines += [""] + [f"- `{c['id']}`: {c['note']}" for c in claims]
