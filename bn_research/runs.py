@@ -263,9 +263,13 @@ def load(workdir) -> Run:
 def load_all(items) -> list[Run]:
     """Runs from loaded runs, run directories or directories holding runs (see `find`)."""
     items = [items] if isinstance(items, (str, Path, Run)) else list(items)
-    out = []
+    out, seen = [], set()
     for item in items:
-        out += [item] if isinstance(item, Run) else [load(p) for p in find([item])]
+        for x in [item] if isinstance(item, Run) else find([item]):
+            where = (x.path if isinstance(x, Run) else x).resolve()
+            if where not in seen:  # one directory given twice (or inside a given parent) is one run
+                seen.add(where)
+                out.append(load(x))
     return out
 
 
