@@ -77,9 +77,14 @@ def _axes(nrows: int, ncols: int, w: float = 3.2, h: float = 2.4, **kw):
 
 def _legend(fig, groups, styles, title=BAND):
     handles = [plt.Line2D([], [], lw=2, **styles[g.label]) for g in groups]
-    labels = [f"{g.label} ({len(g.seeds)} seed{'s' if len(g.seeds) != 1 else ''})" for g in groups]
+    labels = [f"{g.label} ({_seeds(g)})" for g in groups]
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8, title=title,
                title_fontsize=8, frameon=False)
+
+
+def _seeds(group) -> str:
+    n = len(group.seeds)
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def _keys(groups) -> list[str]:
@@ -110,14 +115,15 @@ def _log_if_positive(ax, values, ratio: float = 20):
 
 
 def _logy(ax):
-    """A log y axis labelled in plain numbers at 1, 2, 5 x 10^k (only 10^k beyond three decades)."""
+    """A log y axis labelled in plain numbers: at 1, 2, 5 x 10^k when it spans less than
+    about a decade and a half, else at 10^k only (more labels would collide)."""
     ax.set_yscale("log")
-    lo, hi = ax.dataLim.intervaly
-    wide = not lo > 0 or hi / lo > 1e3
+    lo, hi = ax.get_ylim()  # of all the axes sharing y
+    narrow = lo > 0 and hi / lo < 30
     plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_locator(ticker.LogLocator(subs="auto" if wide else (2.0, 5.0)))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter() if wide else plain)
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0) if narrow else "auto"))
+    ax.yaxis.set_minor_formatter(plain if narrow else ticker.NullFormatter())
 
 
 # ----------------------------------------------------------------------------- figures
@@ -233,7 +239,7 @@ def percentiles(runs, layer: str | None = None, split: str = "probe", unit: int 
         lo, hi = lines[PERCENTILES[0]], lines[PERCENTILES[2]]
         if not lo.empty and len(lo) == len(hi):
             ax.fill_between(lo["step"], lo["mean"], hi["mean"], color=color, alpha=0.08, lw=0)
-        ax.set(title=f"{g.label} ({len(g.seeds)} seeds)", xlabel="step")
+        ax.set(title=f"{g.label} ({_seeds(g)})", xlabel="step")
         ax.title.set_fontsize(9)
     axes[0, 0].set_ylabel(f"{layer} nonlinearity input" + (f", unit {unit}" if unit is not None else ""))
     handles, labels = axes[0, 0].get_legend_handles_labels()
