@@ -66,9 +66,12 @@ def match(keys, patterns) -> list[str]:
     return [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
 
 
-def close_matches(pattern: str, keys, n: int = 5) -> list[str]:
-    """Up to `n` keys resembling `pattern`: those containing it, then difflib's closest."""
+def close_matches(pattern: str, keys, n: int = 3) -> list[str]:
+    """Up to `n` keys resembling `pattern`: those containing it, then difflib's closest (for a
+    pattern with wildcards, the keys generalized to the pattern's wildcard parts)."""
     keys = list(keys)
+    if any(c in pattern for c in "*?["):  # compare with the keys generalized where the pattern is
+        keys = list(dict.fromkeys(_generalize(k, pattern) for k in keys))
     bare = pattern.strip("*")
     hits = [k for k in keys if bare and bare in k] if not any(c in bare for c in "*?[") else []
     hits += difflib.get_close_matches(pattern, keys, n=n, cutoff=0.5)
@@ -76,6 +79,15 @@ def close_matches(pattern: str, keys, n: int = 5) -> list[str]:
     tails = difflib.get_close_matches(tail, sorted({k.rsplit("/", 1)[-1] for k in keys}), n=2, cutoff=0.6)
     hits += [k for k in keys if k.rsplit("/", 1)[-1] in tails]
     return list(dict.fromkeys(hits))[:n]
+
+
+def _generalize(key: str, pattern: str) -> str:
+    """`key` with the '/'-parts where `pattern` has a wildcard replaced by the pattern's part:
+    ('dist/dense_2/probe/x', 'dist/*/probe/y') -> 'dist/*/probe/x'."""
+    kp, pp = key.split("/"), pattern.split("/")
+    if len(kp) != len(pp):
+        return key
+    return "/".join(p if any(c in p for c in "*?[") else k for k, p in zip(kp, pp, strict=True))
 
 
 def no_match_message(pattern: str, keys, what: str = "metric") -> str:
