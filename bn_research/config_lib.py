@@ -11,7 +11,7 @@ import difflib
 
 import ml_collections
 
-from bn_research import norms, probes
+from bn_research import mesh, norms, probes
 
 # Short keys of the config files' `key=value,...` argument.
 ALIASES = {
@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # keep this many most recent checkpoints
 
     c.probes = probes.default_config()
+    c.mesh = mesh.default_config()  # data parallelism over local devices (bn_research.mesh)
 
     c.replicas = ml_collections.ConfigDict()  # vectorized replicas (bn_research.replicas): one program, N runs
     c.replicas.seeds = ()  # one replica per seed, crossed with learning_rates; () = (seed,)
@@ -172,6 +173,9 @@ def validate(config) -> None:
         if not ok:
             raise ConfigError(message)
     _check_batch_statistics(config)
+    problem = mesh.check(config)
+    if problem:
+        raise ConfigError(problem)
     from bn_research import optim
 
     try:
@@ -208,9 +212,11 @@ def _check_batch_statistics(config) -> None:
     """Batch norm over a (ghost) batch of one example is degenerate: a usage error."""
     norm = config.model.norm
     uses_batch = norm in BATCH_STAT_NORMS or (norm == "weight" and config.norm.wn_mean_only_bn)
-    per_norm = int(config.norm.virtual_batch_size) or int(config.train.batch_size)
+    groups = mesh.norm_groups(config) if config.norm.stats in mesh.STATS else 0
+    per_norm = groups or int(config.train.batch_size)
     if uses_batch and per_norm < 2:
-        which = "norm.virtual_batch_size" if config.norm.virtual_batch_size else "train.batch_size"
+        which = {"per_device": "the per-device batch", "virtual": "norm.virtual_batch_size"}.get(
+            config.norm.stats, "norm.virtual_batch_size" if groups else "train.batch_size")
         raise ConfigError(
             f"model.norm={norm} normalizes over the batch, and {which}={per_norm} gives it one example "
             "(every normalized unit would be 0); use a batch of at least 2 or model.norm=layer/group/none")

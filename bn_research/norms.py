@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.affine = True  # learn gamma (scale) and beta (shift) after normalizing
     c.placement = "before"  # 'before' the activation (Ioffe & Szegedy 2015) or 'after' it
     c.virtual_batch_size = 0  # ghost batch norm: statistics over sub-batches of this size; 0 = whole batch
+    c.stats = "global"  # across devices: 'global' batch, 'per_device' shards, 'virtual' groups (bn_research.mesh)
     c.noise_n_mu = 0.5  # noisy_*: per-step, per-unit mean mu^t ~ U(-n_mu, n_mu) (Santurkar et al. 2018, Alg. 1)
     c.noise_n_sigma = 1.25  # noisy_*: per-step, per-unit scale sigma^t ~ U(1, n_sigma)
     c.noise_r_mu = 0.1  # noisy_*: per-element shift m ~ U(mu^t - r_mu, mu^t + r_mu)

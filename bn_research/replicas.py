@@ -113,7 +113,7 @@ def build(config, dataset=None):
     """
     configs = expand(config)
     ds = dataset if dataset is not None else data.load(config.dataset)
-    setups = [train.setup(c, ds) for c in configs]
+    setups = [train.setup(c, ds, single_device=True) for c in configs]  # replicas: one device
     graphdef = setups[0]["graphdef"]
     for s in setups[1:]:
         if s["graphdef"] != graphdef:
@@ -181,7 +181,7 @@ class _Run:
         self.summary = {"status": "failed", "step": 0, "versions": rundir.versions(),
                         "device_kind": jax.devices()[0].device_kind,
                         "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
-                        "kernels": kernels.kind(),
+                        "kernels": kernels.kind(), "mesh": {"data": 1},
                         "replica": {"index": index, "count": count, "vectorized": True}}
 
     def write(self, rows: dict) -> None:
@@ -275,7 +275,7 @@ def _train(config, configs, workdirs, dataset) -> list[dict]:
     bar = progress.Progress(f"train {len(configs)} replicas in {Path(workdirs[0]).parent}", int(config.train.num_steps))
     try:
         with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
-                                f"norm {config.model.norm}"):
+                                f"norm {config.model.norm}", start_line=False):
             b = build(config, dataset)
     except BaseException:
         bar.close()

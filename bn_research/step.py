@@ -118,8 +118,11 @@ class StepFns:
 
 
 def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: int,
-                  probe_fn: Callable | None = None) -> StepFns:
+                  probe_fn: Callable | None = None, batch_sharding=None) -> StepFns:
     """Build the pure step functions (not yet jitted).
+
+    `batch_sharding` (a `NamedSharding`, see bn_research.mesh) constrains every training
+    batch, gathered inside jit, to be split over the devices of a mesh; None on one device.
 
     `probe_fn(ctx) -> (metrics, probe_state)` may add measurements to every step's
     metrics and carry its own state in `state["probes"]`; `ctx` holds the state before
@@ -150,15 +153,20 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
             metrics.update(probe_metrics)
         return new_state, metrics
 
+    def place(batch):
+        if batch_sharding is None:
+            return batch
+        return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
     def train_step(state, data):
         data_key, noise_key = step_keys(state)
-        return step_on(state, get_batch(data, state["step"], data_key, batch_size), noise_key)
+        return step_on(state, place(get_batch(data, state["step"], data_key, batch_size)), noise_key)
 
     def train_chunk(state, data, num_steps: int):
         batch = chunk_batches(data, state["step"], step_keys(state)[0], batch_size, num_steps)
 
         def body(carry, _):
-            return step_on(carry, batch(carry["step"]), step_keys(carry)[1])
+            return step_on(carry, place(batch(carry["step"])), step_keys(carry)[1])
 
         return jax.lax.scan(body, state, None, length=num_steps)
 
@@ -190,7 +198,10 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
     return StepFns(train_step=train_step, train_chunk=train_chunk, evaluate=evaluate)
 
 
-def jit_fns(fns: StepFns):
-    """Jitted versions: the chunk donates the incoming state (argument 0)."""
-    chunk = jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0)
-    return chunk, jax.jit(fns.evaluate)
+def jit_fns(fns: StepFns, out_sharding=None):
+    """Jitted versions: the chunk donates the incoming state (argument 0). With a mesh,
+    `out_sharding` (replicated) keeps the state and the metrics replicated across steps."""
+    if out_sharding is None:
+        return jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0), jax.jit(fns.evaluate)
+    chunk = jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0, out_shardings=out_sharding)
+    return chunk, jax.jit(fns.evaluate, out_shardings=out_sharding)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bn_research import checkpoint, config_lib, data, kernels, models, optim, probes, progress, rundir, step
+from bn_research import checkpoint, config_lib, data, kernels, mesh, models, optim, probes, progress, rundir, step
 
 
 def chunk_length(config) -> int:
@@ -46,8 +46,9 @@ def chunk_length(config) -> int:
     return math.gcd(k, int(t.checkpoint_every)) if t.checkpoint_every else k
 
 
-def setup(config, dataset=None):
-    """Dataset, model, optimizer and the pure step functions for `config`.
+def setup(config, dataset=None, *, single_device: bool = False):
+    """Dataset, model, optimizer and the pure step functions for `config`, placed on the
+    mesh of `config.mesh` (bn_research.mesh), or on one device with `single_device`.
 
     Returns a dict with `dataset`, `model`, `graphdef`, `state`, `tx`, `fns`, `data`
     (device-resident train/test arrays). Usable from notebooks and benchmarks.
@@ -70,16 +71,22 @@ def setup(config, dataset=None):
     probe_fn = probes.make_probe_fn(config, graphdef, ds.task)
     if probe_fn is not None:
         state["probes"] = probes.init_state(config, graphdef, state, ds)
+    m = mesh.make(config, 1 if single_device else None)
+    sharded = m.size > 1
     fns = step.make_step_fns(
         graphdef, tx, task=ds.task, batch_size=config.train.batch_size,
         eval_batch_size=config.train.eval_batch_size, probe_fn=probe_fn,
+        batch_sharding=mesh.batch_sharded(m) if sharded else None,
     )
     device_data = {
         "train": jax.tree_util.tree_map(jnp.asarray, ds.train),
         "test": jax.tree_util.tree_map(jnp.asarray, ds.test),
     }
+    if sharded:  # state and dataset replicated; each step's batch is split over the mesh
+        state = jax.device_put(state, mesh.replicated(m))
+        device_data = jax.device_put(device_data, mesh.replicated(m))
     return {"dataset": ds, "model": model, "graphdef": graphdef, "state": state, "tx": tx,
-            "fns": fns, "data": device_data}
+            "fns": fns, "data": device_data, "mesh": m}
 
 
 # Exit codes of a run stopped by a signal (128 + signal number, the shell's convention).
@@ -200,7 +207,7 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
     bar = progress.Progress(f"train {workdir.name}", num_steps)
     try:
         with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
-                                f"norm {config.model.norm}"):
+                                f"norm {config.model.norm}", start_line=False):
             s = setup(config, dataset)
     except BaseException:
         bar.close()
@@ -229,12 +236,12 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
         resumes.append(start)
         rundir.log(f"resuming {workdir} from step {start}"
                    + (" (checkpoint)" if start else " (no checkpoint yet: from the start)"))
-    chunk_fn, eval_fn = step.jit_fns(s["fns"])
+    chunk_fn, eval_fn = step.jit_fns(s["fns"], mesh.replicated(s["mesh"]) if s["mesh"].size > 1 else None)
 
     summary = {"status": "failed", "step": start, "versions": rundir.versions(),
                "device_kind": jax.devices()[0].device_kind,
                "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
-               "kernels": kernels.kind()}
+               "kernels": kernels.kind(), "mesh": mesh.describe(s["mesh"])}
     if resumes:
         summary["resumed_at"] = resumes
     window, last = _window_from_json(meta.get("window", {})), dict(meta.get("last", {}))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from bn_research import kernels, norms
+from bn_research import kernels, mesh, norms
 
 ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
@@ -187,9 +188,15 @@ def get(name: str):
 
 
 def build(config, input_shape, output_dim, seed: int):
-    """The model named by `config.model.name`, initialized from `seed`."""
+    """The model named by `config.model.name`, initialized from `seed`. Its batch-norm
+    groups follow `norm.stats` (`mesh.norm_groups`: per-device shards or virtual groups)."""
+    norm_cfg = config.norm
+    groups = mesh.norm_groups(config)
+    if groups != int(norm_cfg.virtual_batch_size):
+        norm_cfg = ml_collections.ConfigDict(norm_cfg.to_dict())
+        norm_cfg.virtual_batch_size = groups
     return get(config.model.name)(
-        config.model, config.norm, tuple(input_shape), output_dim, rngs=nnx.Rngs(params=seed)
+        config.model, norm_cfg, tuple(input_shape), output_dim, rngs=nnx.Rngs(params=seed)
     )
 
 
