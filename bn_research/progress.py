@@ -1,12 +1,12 @@
 """How far a run is, told on stderr.
 
-A line when a phase (setup, compilation) starts and when it ends, with its duration; then
+A line when a phase starts (compilation; setup shows on the bar only, since it can end in
+a usage error that must stay the only line) and when it ends, with its duration; then
 on a terminal (or in a notebook) a tqdm bar, shown from the first phase on, and off a
 terminal (a log file, a pipe, a batch job) a line after the first chunk, every `every_s`
 seconds and at the end:
 
-    train mlp_bn: setup (dataset mnist_digits, model mlp, norm batch) ...
-    train mlp_bn: setup done in 2.1s
+    train mlp_bn: setup (dataset mnist_digits, model mlp, norm batch) done in 2.1s
     train mlp_bn: compile (chunks of 500 steps, evaluation) ...
     train mlp_bn: compile done in 1.4s
     train mlp_bn: step 500/3000 (17%)  loss 0.4012  3,120 steps/s  ETA 1s
@@ -60,13 +60,21 @@ class Progress:
             self.bar.write(message, file=self.file)
 
     @contextlib.contextmanager
-    def phase(self, name: str, detail: str = ""):
-        """Lines when `name` starts and ends (with its duration); the bar shows the phase."""
+    def phase(self, name: str, detail: str = "", *, start_line: bool = True):
+        """Lines when `name` starts and ends (with its duration); the bar shows the phase from
+        its start. `start_line=False`: one line at the end only, for a phase that can end in a
+        usage error (setup finds an unavailable dataset), which must stay the only line."""
+        what = f"{self.name}: {name}{f' ({detail})' if detail else ''}"
         self.bar.set_description(f"{self.name} [{name}]")
-        self.log(f"{self.name}: {name}{f' ({detail})' if detail else ''} ...")
+        if start_line:
+            self.log(f"{what} ...")
         t = time.time()
-        yield
-        self.log(f"{self.name}: {name} done in {time.time() - t:.1f}s")
+        try:
+            yield
+        except BaseException:
+            self.bar.leave = False  # a failed phase leaves no bar behind, only its error
+            raise
+        self.log(f"{f'{self.name}: {name}' if start_line else what} done in {time.time() - t:.1f}s")
         self.bar.set_description(self.name)
 
     def start(self, step: int) -> None:

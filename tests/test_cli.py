@@ -160,11 +160,11 @@ def test_progress_lines_off_a_terminal(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()  # stderr is a pipe here, not a terminal: lines, no bar
     name = f"train {tmp_path.name}"
-    assert lines[0] == f"{name}: setup (dataset mnist_digits, model mlp, norm batch) ..."
-    assert lines[1].startswith(f"{name}: setup done in ") and lines[1].endswith("s")
-    assert lines[2].startswith(f"{name}: compile (chunks of 20 steps, evaluation) ...")
-    assert lines[3].startswith(f"{name}: compile done in ")
-    assert lines[4].startswith(f"{name}: step 20/20 (100%)  loss ") and " steps/s  ETA 0s" in lines[4]
+    assert lines[0].startswith(f"{name}: setup (dataset mnist_digits, model mlp, norm batch) done in ")
+    assert lines[1] == f"{name}: compile (chunks of 20 steps, evaluation) ..."
+    assert lines[2].startswith(f"{name}: compile done in ") and lines[2].endswith("s")
+    assert lines[3].startswith(f"{name}: step 20/20 (100%)  loss ") and " steps/s  ETA 0s" in lines[3]
+    assert len(lines) == 4, lines
     assert "\r" not in r.stderr and "it/s" not in r.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     # steps_per_s times the training loop only: setup and compilation are measured apart
@@ -179,16 +179,22 @@ def test_progress_lines_are_periodic_with_rate_and_eta():
 
     out = io.StringIO()  # not a terminal: lines instead of a bar
     p = progress.Progress("train x", 1000, every_s=3600, file=out)
-    with p.phase("setup", "dataset d"):
+    with p.phase("setup", "dataset d", start_line=False):  # may end in a usage error: one line at its end
         pass
+    with p.phase("compile"):
+        pass
+    with pytest.raises(ValueError), p.phase("compile"):
+        raise ValueError  # a failed phase: no end line
     p.start(200)  # a resumed run: rates count this session's steps only
     p.update(400, loss=0.5)   # the first chunk always gets a line
     p.update(600, loss=0.25)  # within every_s of the last line: none
     p.update(1000, loss=0.125)  # the end always gets a line
     p.close()
     lines = out.getvalue().splitlines()
-    assert lines[0] == "train x: setup (dataset d) ..." and lines[1].startswith("train x: setup done in ")
-    assert len(lines) == 4, lines
-    assert lines[2].startswith("train x: step 400/1000 (40%)  loss 0.5000  ") and " steps/s  ETA " in lines[2]
-    assert lines[3].startswith("train x: step 1000/1000 (100%)  loss 0.1250  ") and lines[3].endswith("ETA 0s")
+    assert lines[0].startswith("train x: setup (dataset d) done in ")
+    assert lines[1:4] == ["train x: compile ...", lines[2], "train x: compile ..."]
+    assert lines[2].startswith("train x: compile done in ")
+    assert len(lines) == 6, lines
+    assert lines[4].startswith("train x: step 400/1000 (40%)  loss 0.5000  ") and " steps/s  ETA " in lines[4]
+    assert lines[5].startswith("train x: step 1000/1000 (100%)  loss 0.1250  ") and lines[5].endswith("ETA 0s")
     assert progress._duration(3725) == "1:02:05" and progress._duration(65) == "1:05"
