@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.depth = 3  # hidden layers (mlp, deep_linear) or conv layers (cnn)
     c.model.width = 100  # units per hidden layer (mlp) or first-stage channels (cnn)
     c.model.activation = "sigmoid"  # sigmoid | tanh | relu | linear
-    c.model.norm = "batch"  # none | batch | noisy_batch | weight | layer | group
+    c.model.norm = "batch"  # none | batch | noisy_batch | noisy_none | weight | layer | group
     c.model.residual = False  # mlp: h <- h + f(h) for hidden layers after the first
     c.model.init_scale = 1.0  # weight init std = init_scale / sqrt(fan_in)
     c.model.scan_layers = False  # mlp: lax.scan over hidden layers 1..depth-1 (flat compile time in depth)

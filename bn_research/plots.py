@@ -20,7 +20,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from bn_research import runs as runs_lib
 
 VARIANT_COLORS = {"batch": "tab:blue", "none": "tab:orange", "weight": "tab:green", "noisy_batch": "tab:purple",
-                  "layer": "tab:brown", "group": "tab:pink"}
+                  "noisy_none": "tab:red", "layer": "tab:brown", "group": "tab:pink"}
 LINESTYLES = ("-", "--", ":", "-.")
 PERCENTILES = ("act_in_p15", "act_in_p50", "act_in_p85")
 BAND = "line: mean over seeds, band: min to max over seeds"
