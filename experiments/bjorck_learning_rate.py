@@ -20,6 +20,7 @@ epochs), with batch norm before every hidden activation (norm=batch) or without
 (norm=none). Learning rates 10^(k/2) for k = -6..2, i.e. 1e-3 .. 10 in half decades; every
 (seed, rate) pair of one arm trains as a vectorized replica of one compiled program
 (`common.run_grid`), and a replica that diverges stops logging while the others go on.
+`--quick` trains 40 steps at the rates 1e-3, 0.1 and 1 only (same claims, smoke test).
 Divergence: a mini-batch training loss above 1e3 or non-finite (`train.max_loss`), the
 definition a blog summary of the paper reports (SECONDARY in the literature notes). A
 diverged run counts as accuracy 0 when each arm's best rate is picked (by the mean over
@@ -56,6 +57,7 @@ STEPS, QUICK_STEPS = 1000, 40  # training steps (full, --quick)
 BATCH = 64  # examples per step
 MAX_LOSS = 1e3  # divergence: training loss above this (blog-reported definition, SECONDARY)
 CURVE_RATES = (1e-3, 0.1, 1.0)  # rates whose training-loss curves the figure shows
+QUICK_RATES = CURVE_RATES  # --quick: three rates, the smallest of RATES among them
 TRAINS_ACC = 0.5  # descriptive only (no claim): a run "trains" if its final test accuracy reaches this
 
 LARGER_RATE = common.Claim(
@@ -87,6 +89,11 @@ def arm_config(norm: str, steps: int):
         "probes.drift.enabled": False, "probes.growth.enabled": False, "probes.weights.enabled": False})
 
 
+def rates_of(grid: dict) -> list[float]:
+    """The learning rates of a {(seed, rate): run} grid, ascending."""
+    return sorted({r for _, r in grid})
+
+
 def diverged(run) -> bool:
     return run.summary.get("status") == "diverged"
 
@@ -100,7 +107,7 @@ def largest_stable_rate(grid: dict, seed: int) -> float:
     """The largest rate below the first diverged rate of this seed (all rates if none diverged);
     nan if even the smallest rate diverged."""
     stable = float("nan")
-    for r in RATES:
+    for r in rates_of(grid):
         if diverged(grid[(seed, r)]):
             break
         stable = r
@@ -109,7 +116,7 @@ def largest_stable_rate(grid: dict, seed: int) -> float:
 
 def accuracy_matrix(grid: dict, seeds: list[int]) -> np.ndarray:
     """[seed, rate] final test accuracies (nan where diverged)."""
-    return np.array([[final_accuracy(grid[(s, r)]) for r in RATES] for s in seeds])
+    return np.array([[final_accuracy(grid[(s, r)]) for r in rates_of(grid)] for s in seeds])
 
 
 def best_rate_index(acc: np.ndarray) -> int:
@@ -121,9 +128,9 @@ def _fmt(values) -> str:
     return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
 
 
-def _largest_training_rate(acc_row) -> float:
+def _largest_training_rate(rates, acc_row) -> float:
     """The largest rate whose final test accuracy reaches TRAINS_ACC (nan if none does)."""
-    ok = [r for r, a in zip(RATES, acc_row, strict=True) if a >= TRAINS_ACC]
+    ok = [r for r, a in zip(rates, acc_row, strict=True) if a >= TRAINS_ACC]
     return max(ok) if ok else float("nan")
 
 
@@ -135,21 +142,22 @@ def verdicts(grids: dict, seeds: list[int], quick: bool = False) -> tuple[list[d
     best_diff = np.nan_to_num(acc["batch"][:, best["batch"]], nan=0.0) - np.nan_to_num(
         acc["none"][:, best["none"]], nan=0.0)
     small_diff = acc["batch"][:, 0] - acc["none"][:, 0]
-    censored = all(r == RATES[-1] for r in stable["batch"])
-    trains = {norm: [_largest_training_rate(acc[norm][i]) for i in range(len(seeds))] for norm in ARMS}
+    rates = rates_of(grids["batch"])
+    censored = all(r == rates[-1] for r in stable["batch"])
+    trains = {norm: [_largest_training_rate(rates, acc[norm][i]) for i in range(len(seeds))] for norm in ARMS}
     half = common.ci95(small_diff)
     claims = [
         LARGER_RATE.verdict(log_ratio, note=(
             f"largest non-diverging rate per seed: BN {_fmt(stable['batch'])}, none {_fmt(stable['none'])}"
-            + (f"; BN never diverged on the grid (top {RATES[-1]:g}), so its value is a lower bound"
+            + (f"; BN never diverged on the grid (top {rates[-1]:g}), so its value is a lower bound"
                if censored else "")
             + f"; largest rate that ends at >= {TRAINS_ACC:g} test accuracy (descriptive only; "
               f"a run can stay at chance without diverging): BN {_fmt(trains['batch'])}, none {_fmt(trains['none'])}")),
         BEST_ACCURACY.verdict(list(best_diff), note=(
-            f"best rates: BN {RATES[best['batch']]:.3g} (accuracy {np.nanmean(acc['batch'][:, best['batch']]):.4f}), "
-            f"none {RATES[best['none']]:.3g} (accuracy {np.nanmean(acc['none'][:, best['none']]):.4f})")),
+            f"best rates: BN {rates[best['batch']]:.3g} (accuracy {np.nanmean(acc['batch'][:, best['batch']]):.4f}), "
+            f"none {rates[best['none']]:.3g} (accuracy {np.nanmean(acc['none'][:, best['none']]):.4f})")),
         SMALL_RATE.verdict(list(small_diff), note=(
-            f"at lr {RATES[0]:g}: BN accuracy {_fmt(acc['batch'][:, 0])}, none {_fmt(acc['none'][:, 0])}; "
+            f"at lr {rates[0]:g}: BN accuracy {_fmt(acc['batch'][:, 0])}, none {_fmt(acc['none'][:, 0])}; "
             f"mean difference {half['mean']:+.4f}, 95% CI half-width {(half['ci95'][1] - half['ci95'][0]) / 2:.4f} "
             f"(n={half['n']}); after {STEPS if not quick else QUICK_STEPS} steps at this rate neither network has "
             "converged")),
@@ -158,15 +166,16 @@ def verdicts(grids: dict, seeds: list[int], quick: bool = False) -> tuple[list[d
 
 
 def figure(grids: dict, seeds: list[int], acc: dict):
+    rates = rates_of(grids["batch"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     colors = {"batch": "C0", "none": "C3"}
     for norm in ARMS:
         a = np.nan_to_num(acc[norm], nan=0.0)
-        axes[0].plot(RATES, a.mean(axis=0), marker="o", color=colors[norm], label=f"norm={norm} (mean)")
+        axes[0].plot(rates, a.mean(axis=0), marker="o", color=colors[norm], label=f"norm={norm} (mean)")
         for row in a:
-            axes[0].scatter(RATES, row, s=10, color=colors[norm], alpha=0.5)
-        frac = [np.mean([diverged(grids[norm][(s, r)]) for s in seeds]) for r in RATES]
-        axes[1].plot(RATES, frac, marker="s", color=colors[norm], label=f"norm={norm}")
+            axes[0].scatter(rates, row, s=10, color=colors[norm], alpha=0.5)
+        frac = [np.mean([diverged(grids[norm][(s, r)]) for s in seeds]) for r in rates]
+        axes[1].plot(rates, frac, marker="s", color=colors[norm], label=f"norm={norm}")
         for r, ls in zip(CURVE_RATES, (":", "--", "-"), strict=True):
             m = grids[norm][(seeds[0], r)].metrics[["step", "train/loss"]].dropna()
             axes[2].plot(m["step"], m["train/loss"], ls, color=colors[norm], label=f"{norm}, lr {r:g}")
@@ -185,7 +194,7 @@ def figure(grids: dict, seeds: list[int], acc: dict):
 def report(args, grids, seeds, steps, claims, info):
     acc = info["acc"]
     rows = []
-    for j, r in enumerate(RATES):
+    for j, r in enumerate(rates_of(grids["batch"])):
         row = [f"{r:.3g}"]
         for norm in ARMS:
             n_div = sum(diverged(grids[norm][(s, r)]) for s in seeds)
@@ -205,7 +214,8 @@ def main(argv=None):
     args = common.parse_args(NAME, __doc__, argv)
     seeds = common.seeds(args)
     steps = QUICK_STEPS if args.quick else STEPS
-    grids = {norm: common.run_grid(arm_config(norm, steps), f"{args.workdir}/{norm}", seeds, RATES)
+    rates = QUICK_RATES if args.quick else RATES
+    grids = {norm: common.run_grid(arm_config(norm, steps), f"{args.workdir}/{norm}", seeds, rates)
              for norm in ARMS}
     claims, info = verdicts(grids, seeds, args.quick)
     report(args, grids, seeds, steps, claims, info)
