@@ -279,6 +279,31 @@ def test_grad_is_orthogonal_to_scale_invariant_weights(norm, invariant):
         assert not any(k.endswith("eff_lr") for k in s)
 
 
+@pytest.mark.parametrize("norm, invariant", [("weight", True), ("batch", True), ("none", False)])
+def test_sgd_grows_the_squared_norm_of_scale_invariant_weights(norm, invariant):
+    """Plain SGD: ||v'||^2 = ||v||^2 + eta^2 ||dL/dv||^2 when dL/dv is orthogonal to v
+    (Salimans & Kingma 2016, sec. 2.2); the logged growth is ||v'||^2 - ||v||^2 of the step.
+    Without normalization <w, dL/dw> != 0 and the growth is something else."""
+    config = small(norm, **{"norm.epsilon": 0.0, "norm.wn_data_init": False, "norm.wn_init_std": 0.05})
+    ctx, info, _ = hand_ctx(config)
+    out, _ = jax.jit(lambda: weights.measure(config, info, ctx, {}))()
+    s = out["scalars"]
+    off = []
+    for n in info["layer_names"]:
+        v0 = np.asarray(common.kernel(ctx["state"]["params"], n), np.float64)
+        v1 = np.asarray(common.kernel(ctx["params"], n), np.float64)
+        growth = float(s[f"weights/{n}/sq_norm_growth"])
+        assert growth == pytest.approx(np.sum(v1**2) - np.sum(v0**2), rel=1e-3)
+        g = np.asarray(common.kernel(ctx["grads"], n), np.float64)
+        assert float(s[f"weights/{n}/sq_norm_growth_sgd"]) == pytest.approx(0.5**2 * np.sum(g**2), rel=1e-5)
+        pred = float(s[f"weights/{n}/sq_norm_growth_sgd"])
+        if invariant:  # up to float32 rounding of the stored v' (~eps ||v||^2)
+            assert abs(growth - pred) <= 1e-3 * pred + 1e-6 * np.sum(v0**2), n
+        off.append(abs(growth / pred - 1))
+    if not invariant:
+        assert max(off) > 0.1, off  # at init a layer's gradient can be nearly orthogonal by chance
+
+
 def test_weight_stats_against_numpy():
     config = small("weight")
     ctx, info, _ = hand_ctx(config)

@@ -7,6 +7,9 @@ for weight-normalized layers), the angle between the weight directions before an
 the step, the effective step size eta / ||w||^2 of scale-invariant parameters (a kernel
 followed by batch/layer/group norm, or the WN direction v), and <dL/dw, w>, which is zero
 for a scale-invariant parameter: L(c w) = L(w) for all c > 0 implies d/dc L(c w) = 0 at c = 1.
+Hence under plain SGD the squared norm of the kernel (v for weight norm) can only grow,
+||p'||^2 = ||p||^2 + eta^2 ||dL/dp||^2 (Salimans & Kingma 2016, sec. 2.2): the probe logs the
+measured growth of the step next to eta^2 ||dL/dp||^2.
 """
 
 from __future__ import annotations
@@ -53,12 +56,17 @@ def layer_outputs(name, p_before, p_after, grads, lr, kind: str):
     w = common.effective_weight(p_before, name)
     v = common.kernel(p_before, name)  # the kernel, or the WN direction
     g = common.kernel(grads, name)
+    dv = common.kernel(p_after, name) - v  # the step's update of the kernel (v)
     w_next = common.effective_weight(p_after, name)
     scalars = {
         f"weights/{name}/w_norm": common.norm(w),
         f"weights/{name}/angle": common.angle(w, w_next),
         f"weights/{name}/grad_dot_w": jnp.vdot(g.ravel(), v.ravel()),
         f"weights/{name}/grad_w_cos": common.cosine(g, v),
+        # ||v + dv||^2 - ||v||^2 without cancellation, and its SGD prediction for a gradient
+        # orthogonal to v (Salimans & Kingma 2016, sec. 2.2)
+        f"weights/{name}/sq_norm_growth": 2.0 * jnp.vdot(v.ravel(), dv.ravel()) + jnp.vdot(dv.ravel(), dv.ravel()),
+        f"weights/{name}/sq_norm_growth_sgd": jnp.square(lr) * jnp.vdot(g.ravel(), g.ravel()),
     }
     units = {f"weights/{name}/w_norm": column_norms(w)}
     if common.is_weight_norm(p_before, name):
