@@ -152,7 +152,11 @@ def verdicts(trained: dict, lrs: dict) -> list[dict]:
         if stat == "landscape/beta":
             note += (f"; beta peaks at the grid's lower edge (eta = {STEP_RANGE[0]:g} x lr) in "
                      f"{edges['batch']:.0%} (BN) and {edges['none']:.0%} (none) of the measurements")
-        claims.append(claim.verdict(ratios(pair, stat), note=note))
+        r = np.asarray(ratios(pair, stat), np.float64)
+        geo = float(np.exp(np.log(r).mean())) if np.all(r > 0) else float("nan")
+        note += (f"; per-seed ratios {_fmt(r)} (BN < none on {int(np.sum(r < 1))}/{len(r)} seeds, "
+                 f"geometric mean {geo:.3g})")
+        claims.append(claim.verdict(list(r), note=note))
     return claims
 
 
@@ -186,7 +190,8 @@ def _curves(ax, pair, key, lrs):
 
 
 def _along(ax, run, tag, stat, lr, label, color, ls):
-    """`stat` against eta / lr at the run's middle cadence point, from the per-unit store."""
+    """`stat` against eta / lr at the run's middle cadence point, from the per-unit store;
+    stat 'beta' is the ratio grad_diff / (eta ||g||) whose max over the grid is beta."""
     df = store.read(run.path)
     df = df[df.layer == tag]
     if df.empty:
@@ -194,7 +199,10 @@ def _along(ax, run, tag, stat, lr, label, color, ls):
     step = sorted(df.step.unique())[len(df.step.unique()) // 2]
     d = df[df.step == step]
     eta = d[d.stat == "landscape/step_size"].sort_values("unit")["value"].to_numpy()
-    y = d[d.stat == stat].sort_values("unit")["value"].to_numpy()
+    y = d[d.stat == ("landscape/grad_diff" if stat == "beta" else stat)].sort_values("unit")["value"].to_numpy()
+    if stat == "beta":
+        g = run.metrics.loc[run.metrics["step"] == step, "train/grad_norm"].to_numpy()
+        y = y / (eta * g[0]) if len(g) else y * np.nan
     ax.plot(eta / lr, y, ls, color=color, marker=".", label=f"{label}, step {step}")
 
 
@@ -203,16 +211,16 @@ def figure(trained, lrs):
     for row, cond in enumerate(CONDITIONS):
         for ax, (key, label) in zip(axes[row], STATS, strict=True):
             _curves(ax, trained[cond], key, lrs[cond])
-            ax.set(yscale="log", xlabel="step", title=f"{label}, {COND_TEXT[cond]} (median of seeds)")
+            ax.set(yscale="log", xlabel="step", title=f"{label} (median of seeds)\n{COND_TEXT[cond]}")
     for norm in ARMS:
         run = trained["same_lr"][norm][0]
         for tag, ls in (("grid", "-"), ("wide_grid", ":")):
             _along(axes[2, 0], run, tag, "landscape/loss", SAME_LR, f"{norm}, {tag}", COLORS[norm], ls)
-            _along(axes[2, 1], run, tag, "landscape/grad_diff", SAME_LR, f"{norm}, {tag}", COLORS[norm], ls)
-    axes[2, 0].set(xscale="log", xlabel="eta / lr", ylabel="L(theta - eta g)",
+            _along(axes[2, 1], run, tag, "beta", SAME_LR, f"{norm}, {tag}", COLORS[norm], ls)
+    axes[2, 0].set(xscale="log", yscale="log", xlabel="eta / lr", ylabel="L(theta - eta g)",
                    title=f"loss along -g, lr {SAME_LR:g}, seed 0")
-    axes[2, 1].set(xscale="log", yscale="log", xlabel="eta / lr", ylabel="||g - g(theta - eta g)||",
-                   title=f"gradient change along -g, lr {SAME_LR:g}, seed 0")
+    axes[2, 1].set(xscale="log", yscale="log", xlabel="eta / lr", ylabel="||g - g(theta - eta g)|| / ||eta g||",
+                   title=f"beta ratio along -g (beta = its max), lr {SAME_LR:g}, seed 0")
     for cond, marker in zip(CONDITIONS, ("o", "x"), strict=True):
         for norm in ARMS:
             vals = np.concatenate([r.metrics["landscape/beta_argmax"].dropna().to_numpy() for r in trained[cond][norm]])
