@@ -305,6 +305,20 @@ def _exit_code(summary: dict) -> int:
     return 1
 
 
+def _divergence(summary: dict) -> str:
+    """Which limit the loss crossed, and where."""
+    import math
+
+    loss, at = summary.get("diverged_loss"), summary.get("diverged_at")
+    try:
+        loss = float(loss)
+    except (TypeError, ValueError):
+        loss = math.nan  # written as "nan" / "inf" in JSON
+    if not math.isfinite(loss):
+        return f"the training loss was {loss} (not finite) at step {at}"
+    return f"the training loss was {loss:.4g} at step {at}, above train.max_loss={summary.get('max_loss'):g}"
+
+
 def _status_line(summary: dict) -> str:
     final = summary.get("final") or {}
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())
@@ -312,7 +326,11 @@ def _status_line(summary: dict) -> str:
     line = (f"{summary.get('status')} at step {summary.get('step')} in {summary.get('wall_time_s') or 0:.1f}s"
             f" ({summary.get('steps_per_s') or 0:.0f} steps/s){': ' + shown if shown else ''}")
     if summary.get("status") == "interrupted":
-        line += "; run the same command again to resume"
+        during = summary.get("interrupted_during")
+        line += (f" (during {during}, by {summary.get('signal')})" if during else "") + \
+            "; run the same command again to resume"
+    if summary.get("status") == "diverged" and "diverged_loss" in summary:
+        line += f"; {_divergence(summary)}"
     return line
 
 
@@ -337,6 +355,10 @@ def cmd_train(fv, rest):
     except _usage_errors() as e:
         raise UsageError(str(e)) from None
     print(_status_line(summary), flush=True)
+    if summary.get("interrupted_during") == "compile":
+        # The abandoned compilation thread would hold up the interpreter's shutdown.
+        sys.stderr.flush()
+        os._exit(_exit_code(summary))
     return _exit_code(summary)
 
 

@@ -163,6 +163,33 @@ def compile_programs(chunk_fn, eval_fn, state, device_data, sizes) -> None:
     eval_fn.lower(state["params"], state["batch_stats"], device_data["test"]).compile()
 
 
+class _CompileInterrupted(Exception):
+    """A stop signal arrived while XLA was compiling."""
+
+
+def _interruptible(fn, stop: _StopSignals) -> None:
+    """Run `fn()` (XLA compilation, which can take minutes and runs no Python code for the
+    signal handlers to interrupt) in a worker thread while the main thread polls, so a
+    SIGTERM / SIGINT stops the run at once; raises _CompileInterrupted. The abandoned
+    compilation finishes or dies with the process."""
+    box = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # re-raised in the main thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name="bn-research-compile", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+        if stop.name is not None:
+            raise _CompileInterrupted(stop.name)
+    if "error" in box:
+        raise box["error"]
+
+
 def _truncate_chunk(host: dict, n_steps: int, keep: int) -> dict:
     """Per-step outputs of a chunk of `n_steps` steps cut to the first `keep` steps."""
     return {k: (np.asarray(v)[:keep] if np.ndim(v) >= 1 and np.shape(v)[0] == n_steps else v)
@@ -280,7 +307,8 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
             row = {f"train/{key}": float(np.asarray(v)[i]) for key, v in host.items()
                    if np.ndim(v) == 1 and key in step.BASE_METRICS}
             writer.write(first, row)
-            summary.update(status="diverged", step=first, diverged_at=first, final=dict(last, **row))
+            summary.update(status="diverged", step=first, diverged_at=first, final=dict(last, **row),
+                           diverged_loss=float(losses[i]), max_loss=float(t.max_loss))
             return False
         rows = recorder.record(end, host)  # {step: {"dist/dense_0/...": value}}
         # A chunk may hold several logging windows: slice the per-step train metrics at
@@ -320,8 +348,11 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
             if start < num_steps:
                 t_compile = time.time()
                 sizes = chunk_sizes(start, num_steps, k)
-                with bar.phase("compile", f"chunks of {', '.join(map(str, sizes))} steps, evaluation"):
-                    compile_programs(chunk_fn, eval_fn, state, s["data"], sizes)
+                try:
+                    with bar.phase("compile", f"chunks of {', '.join(map(str, sizes))} steps, evaluation"):
+                        _interruptible(lambda: compile_programs(chunk_fn, eval_fn, state, s["data"], sizes), stop)
+                except _CompileInterrupted:
+                    summary["interrupted_during"] = "compile"  # the loop below does not start
                 compile_s = time.time() - t_compile
             bar.start(start)
             t_loop = time.time()
