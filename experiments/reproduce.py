@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -132,9 +133,22 @@ def main(argv=None) -> int:
         previous = []
     claims = previous + [c for r in results for c in r["claims"]]
     out.write_text(json.dumps(claims, indent=1) + "\n")
-    (args.results / "reproduce_run.json").write_text(json.dumps(
-        {"total_wall_s": round(total, 1), "quick": args.quick, "seeds": args.seeds, "versions": _versions(),
-         "experiments": [{k: r[k] for k in ("name", "status", "wall_s", "error")} for r in results]}, indent=1) + "\n")
+    record = args.results / "reproduce_run.json"
+    runs_by_name = {}
+    if args.names and record.exists():  # a partial rerun keeps the other experiments' records
+        try:
+            runs_by_name = {e["name"]: e for e in json.loads(record.read_text()).get("experiments", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            runs_by_name = {}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for r in results:
+        runs_by_name[r["name"]] = {**{k: r[k] for k in ("name", "status", "wall_s", "error")}, "finished_utc": stamp,
+                                   "load_average": [round(x, 2) for x in os.getloadavg()]}
+    ordered = [runs_by_name[n] for n in EXPERIMENTS if n in runs_by_name]
+    record.write_text(json.dumps(
+        {"last_command_wall_s": round(total, 1),
+         "sum_of_experiment_wall_s": round(sum(e["wall_s"] for e in ordered), 1), "quick": args.quick,
+         "seeds": args.seeds, "versions": _versions(), "experiments": ordered}, indent=1) + "\n")
     write_readme(args.results / "README.md",
                  ([{"name": "(earlier runs)", "status": "ok", "wall_s": 0.0, "claims": previous, "error": ""}]
                   if previous else []) + results, total, args.quick)
