@@ -1,7 +1,7 @@
 """Salimans & Kingma (2016), sec. 2.2: weight normalization's direction v only grows under
 SGD, and its growth shrinks the effective step size (self-stabilization).
 
-    bn-research reproduce weight_norm_decoupling     # ~3 minutes on 2 CPU cores (quick: ~20 s)
+    bn-research reproduce weight_norm_decoupling     # ~2 minutes on 2 CPU cores (quick: ~20 s)
     python experiments/weight_norm_decoupling.py --workdir DIR   # the same, runs under DIR
 
 With w = g v/||v||, the gradient wrt v is orthogonal to v, so a plain SGD step
@@ -48,16 +48,16 @@ CONTROL_EVERY = 10  # weights probe cadence of the control
 
 SUM = common.Claim(
     "wn_sq_norm_identity_sum", PAPER,
-    "Under SGD the squared norm of v grows by exactly the sum of eta^2 ||dL/dv||^2 over the steps.",
+    "Under SGD the squared norm of v grows by exactly the sum of eta^2 ‖dL/dv‖^2 over the steps.",
     "max over layers of |(||v_T||^2 - ||v_0||^2) / sum_t eta^2 ||dL/dv_t||^2 - 1| (numerator: the "
     "per-step growths summed)", 0.0, common.below(1e-4))
 STEP = common.Claim(
     "wn_sq_norm_identity_step", PAPER,
-    "Every SGD step grows ||v||^2 by eta^2 ||dL/dv||^2 (the gradient is orthogonal to v).",
+    "Every SGD step grows ‖v‖^2 by eta^2 ‖dL/dv‖^2 (the gradient is orthogonal to v).",
     "max over layers of the median over steps of |growth / (eta^2 ||dL/dv||^2) - 1|", 0.0, common.below(1e-2))
 CONTROL = common.Claim(
     "wn_identity_needs_invariance", PAPER,
-    "Without weight norm (plain kernels) the step's growth of ||w||^2 is not eta^2 ||dL/dw||^2.",
+    "Without weight norm (plain kernels) the step's growth of ‖w‖^2 is not eta^2 ‖dL/dw‖^2.",
     "min over layers of the median over steps of |growth / (eta^2 ||dL/dw||^2) - 1| (norm=none)", "> 0.1",
     common.above(0.1))
 GROWS = common.Claim(
@@ -66,7 +66,7 @@ GROWS = common.Claim(
     "min over layers of ||v_T|| / ||v_0||", "> 1", common.above(1.0))
 EFF = common.Claim(
     "wn_eff_lr_decreases", PAPER,
-    "The effective step size eta / ||v||^2 falls during training (self-stabilization).",
+    "The effective step size eta / ‖v‖^2 falls during training (self-stabilization).",
     f"{EFF_LAYER}: mean over units of eta/||v_unit||^2 at the end / at the start", "< 1", common.below(1.0))
 
 
@@ -159,7 +159,7 @@ def main(argv=None):
     lines = [f"configs/mlp.py, norm=weight (v ~ N(0, {INIT_STD}^2), data-dependent g, b), plain SGD lr 0.5, "
              f"{steps} steps, {args.seeds} seeds; control norm=none. Final test accuracy (weight norm): "
              f"{np.mean([common.last(r, 'eval/accuracy') for r in wn]):.3f}.", ""]
-    lines += common.table(["layer", "||v_T|| / ||v_0||", "median per-step rel. error", "whole-run rel. error",
+    lines += common.table(["layer", "‖v_T‖ / ‖v_0‖", "median per-step rel. error", "whole-run rel. error",
                            "median per-step rel. error, no norm"], rows)
     lines += ["", "## Claims", ""] + common.claims_table(claims)
     common.write_report(NAME, args.results, "Weight norm: ||v|| grows, the effective step falls (Salimans & Kingma "
