@@ -380,7 +380,7 @@ def claims_forest(claims):
         ax.set_ylabel(c["id"], rotation=0, ha="right", va="center", fontsize=8)
         verdict = "holds" if c.get("holds") else "does not hold"
         ax.set_title(f"{c['criterion']}: {verdict} (n={m['n']})" + ("" if finite else "; no CI with n=1"),
-                     fontsize=7, loc="right", color=color)
+                     fontsize=8, loc="right", color=color)
     axes[-1, 0].set_xlabel("measured: mean and 95% CI over seeds (each row in its claim's own units); "
                            "dashed: the criterion's bound")
     return fig
@@ -394,6 +394,9 @@ def criterion_bounds(claim) -> list[float]:
     out = [float(x) for x in re.findall(r"bound [<>]=? ([-+0-9.eE]+)", text)]
     for lo, hi in re.findall(r"inside \[([-+0-9.eE]+), ([-+0-9.eE]+)\]", text):
         out += [float(lo), float(hi)]
-    if "expected" in text and isinstance(claim.get("expected"), (int, float)):
-        out.append(float(claim["expected"]))
+    expected = claim.get("expected")
+    if "expected" in text and isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        out.append(float(expected))
+        for rel in re.findall(r"expected - 1\| <=? ([-+0-9.eE]+)", text):  # a relative tolerance around it
+            out += [expected * (1 - float(rel)), expected * (1 + float(rel))]
     return out

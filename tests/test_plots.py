@@ -130,10 +130,13 @@ def test_claims_forest():
               {"id": "b", "criterion": "95% CI inside [1, 2]", "holds": False, "expected": "1..2",
                "measured": {"mean": 0.0, "ci95": [-1.0, 1.0], "n": 3}},
               {"id": "c", "criterion": "95% CI upper bound < 1", "holds": True, "expected": "< 1",
-               "measured": {"mean": 0.0, "ci95": [float("-inf"), float("inf")], "n": 1}}]
+               "measured": {"mean": 0.0, "ci95": [float("-inf"), float("inf")], "n": 1}},
+              {"id": "d", "criterion": "|mean / expected - 1| <= 0.1", "holds": True, "expected": 2.0,
+               "measured": {"mean": 2.1, "ci95": [2.0, 2.2], "n": 3}}]
     fig = plots.claims_forest(claims)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["a", "b", "c"]
-    assert [plots.criterion_bounds(c) for c in claims] == [[0.0], [1.0, 2.0], [1.0]]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["a", "b", "c", "d"]
+    assert [plots.criterion_bounds(c) for c in claims[:3]] == [[0.0], [1.0, 2.0], [1.0]]
+    assert plots.criterion_bounds(claims[3]) == pytest.approx([2.0, 1.8, 2.2])
     assert "does not hold" in fig.axes[1].get_title(loc="right") and "no CI" in fig.axes[2].get_title(loc="right")
     plt.close(fig)
 
