@@ -206,23 +206,38 @@ def read_metrics(path: Path) -> pd.DataFrame:
 
 
 def read_layer_stats(workdir) -> pd.DataFrame:
-    """Per-unit arrays of a run, long: key, layer, split, stat, step, unit, value, with the
-    keys of metrics.jsonl (the store's layer `dense_0` + stat `dist/train/act_in_mean` is
-    `dist/dense_0/train/act_in_mean`). Empty until the probes write any."""
+    """Per-unit arrays of a run, long: key, layer, split, stat (categoricals), step, unit,
+    value, with the keys of metrics.jsonl (the store's layer `dense_0` + stat
+    `dist/train/act_in_mean` is `dist/dense_0/train/act_in_mean`). Empty until the probes
+    write any."""
     from bn_research.probes import store
 
     raw = store.read(workdir)
     if raw.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
             UNIT_TIDY, ["object"] * 4 + ["int64", "int64", "float32"], strict=True)})
-    pairs = raw[["layer", "stat"]].drop_duplicates()
-    ns_rest = pairs["stat"].str.split("/", n=1)
-    pairs = pairs.assign(key=[f"{p[0]}/{layer}/{p[1]}" if len(p) == 2 else f"{p[0]}/{layer}"
-                              for p, layer in zip(ns_rest, pairs["layer"], strict=True)])
-    pairs[["new_layer", "split", "new_stat"]] = [parse_key(k) for k in pairs["key"]]
-    out = raw.merge(pairs, on=["layer", "stat"], how="left")
-    out = out.drop(columns=["layer", "stat"]).rename(columns={"new_layer": "layer", "new_stat": "stat"})
-    return out[UNIT_TIDY]
+    layer, stat = raw["layer"].astype("category"), raw["stat"].astype("category")
+    n = len(stat.cat.categories)
+    pairs, row = np.unique(layer.cat.codes.to_numpy(np.int64) * n + stat.cat.codes.to_numpy(np.int64),
+                           return_inverse=True)  # translate each (layer, stat) pair once, then index
+    keys = [_metric_key(layer.cat.categories[p // n], stat.cat.categories[p % n]) for p in pairs]
+    parts = list(zip(*[parse_key(k) for k in keys], strict=True))
+    columns = {name: _categorical(values, row) for name, values in zip(
+        ("key", "layer", "split", "stat"), (keys, *parts), strict=True)}
+    columns.update(step=raw["step"].to_numpy(), unit=raw["unit"].to_numpy(), value=raw["value"].to_numpy())
+    return pd.DataFrame(columns)[UNIT_TIDY]
+
+
+def _categorical(per_pair, row) -> pd.Categorical:
+    """A column with value per_pair[row[i]] in row i, as a categorical (fast and small)."""
+    categories, codes = np.unique(np.asarray(per_pair, dtype=str), return_inverse=True)
+    return pd.Categorical.from_codes(codes[row], categories=categories)
+
+
+def _metric_key(layer: str, stat: str) -> str:
+    """The store's (layer, '<ns>/<rest>') as the metric key '<ns>/<layer>/<rest>'."""
+    ns, _, rest = stat.partition("/")
+    return f"{ns}/{layer}/{rest}" if rest else f"{ns}/{layer}"
 
 
 def is_run_dir(path: Path) -> bool:
