@@ -177,8 +177,8 @@ def verdicts(m: dict) -> list[dict]:
                                    f"{mean('noisy_batch', 'final'):.4f}"),
         FASTER.verdict(early, note=(
             f"test accuracy at the first evaluation (evaluation mode: noise off, running statistics) per seed: "
-            f"none {rounded('none', 'first')}, noisy_batch {rounded('noisy_batch', 'first')}; in training mode "
-            f"mean training loss over the first tenth of training "
+            f"none {rounded('none', 'first')}, noisy_batch {rounded('noisy_batch', 'first')}; "
+            f"in training mode (noise on), mean training loss over the first tenth of training "
             f"{mean('noisy_batch', 'train_loss_first'):.3f} vs none {mean('none', 'train_loss_first'):.3f}, "
             f"training accuracy {mean('noisy_batch', 'train_acc_first'):.3f} vs {mean('none', 'train_acc_first'):.3f} "
             f"(batch {mean('batch', 'train_loss_first'):.3f}, {mean('batch', 'train_acc_first'):.3f}); the evaluated "
