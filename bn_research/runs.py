@@ -91,9 +91,13 @@ def _generalize(key: str, pattern: str) -> str:
 
 
 def no_match_message(pattern: str, keys, what: str = "metric") -> str:
+    """One line: nothing matches `pattern`, and the closest keys (or a few of them)."""
+    keys = list(keys)
     close = close_matches(pattern, keys)
-    hint = f"; close matches: {', '.join(close)}" if close else f"; {len(list(keys))} {what}s, e.g. " \
-        + ", ".join(list(keys)[:3])
+    if close:
+        hint = f"; close matches: {', '.join(close)}"
+    else:
+        hint = f"; {len(keys)} {what}s, e.g. {', '.join(keys[:3])}" if keys else f"; no {what}s recorded"
     return f"no {what} matches '{pattern}'{hint}"
 
 
@@ -170,7 +174,8 @@ class Run:
 
 
 def _first(patterns) -> str:
-    return patterns if isinstance(patterns, str) else ", ".join(patterns)
+    """The pattern to name when none of `patterns` matches."""
+    return patterns if isinstance(patterns, str) else str(next(iter(patterns), ""))
 
 
 def tidy(metrics: pd.DataFrame, keys) -> pd.DataFrame:
