@@ -172,21 +172,31 @@ def _arm_note(arms: dict, key: str) -> str:
             + (f"; run status {bad}" if bad else ""))
 
 
+def _ratio_note(values: list[float]) -> str:
+    """Per-seed ratios, on how many seeds BN's value is at least none's, and their geometric
+    mean (descriptive: the criterion is the declared CI of the arithmetic mean)."""
+    v = np.asarray(values, np.float64)
+    geo = float(np.exp(np.log(v).mean())) if np.all(v > 0) else float("nan")
+    return (f"; per-seed ratios {_fmt(v)} (BN >= none on {int(np.sum(v >= 1))}/{len(v)} seeds, "
+            f"geometric mean {geo:.3g})")
+
+
 def verdicts(trained: dict) -> list[dict]:
     hi, lo = trained[("dln_paper", "1e-06")], trained[("dln_paper", "1e-07")]
     project = next(v for k, v in trained.items() if k[0] == "dln_project")
     cnn = next(v for k, v in trained.items() if k[0] == "cnn")
     upd = {k: _arm_note(v, "per_update") for k, v in (("hi", hi), ("project", project))}
-    return [
-        ICS_PAPER_HI.verdict(ratios(hi, "rel"), note=f"relative ICS {_arm_note(hi, 'rel')}; per unit of "
-                             f"relative shift {upd['hi']}"),
-        ICS_PAPER_LO.verdict(ratios(lo, "rel"), note=f"relative ICS {_arm_note(lo, 'rel')}"),
-        COS_PAPER.verdict(ratios(hi, "one_minus_cos"), note=f"1 - cos {_arm_note(hi, 'one_minus_cos')}"),
-        ICS_PROJECT.verdict(ratios(project, "rel"), note=f"relative ICS {_arm_note(project, 'rel')}"),
-        PER_UPDATE_PROJECT.verdict(ratios(project, "per_update"), note=f"ICS per relative shift {upd['project']}; "
-                                   f"relative shift {_arm_note(project, 'update_rel')}"),
-        ICS_CNN.verdict(ratios(cnn, "rel"), note=f"relative ICS {_arm_note(cnn, 'rel')}"),
+    specs = [
+        (ICS_PAPER_HI, hi, "rel", f"relative ICS {_arm_note(hi, 'rel')}; per unit of relative shift {upd['hi']}"),
+        (ICS_PAPER_LO, lo, "rel", f"relative ICS {_arm_note(lo, 'rel')}"),
+        (COS_PAPER, hi, "one_minus_cos", f"1 - cos {_arm_note(hi, 'one_minus_cos')}"),
+        (ICS_PROJECT, project, "rel", f"relative ICS {_arm_note(project, 'rel')}"),
+        (PER_UPDATE_PROJECT, project, "per_update",
+         f"ICS per relative shift {upd['project']}; relative shift {_arm_note(project, 'update_rel')}"),
+        (ICS_CNN, cnn, "rel", f"relative ICS {_arm_note(cnn, 'rel')}"),
     ]
+    return [claim.verdict(ratios(arms, key), note=note + _ratio_note(ratios(arms, key)))
+            for claim, arms, key, note in specs]
 
 
 COLORS = {"batch": "C0", "none": "C3"}
@@ -258,14 +268,15 @@ def report(args, trained, claims):
         for norm in ARMS:
             s = [summaries(r) for r in arms[norm]]
             m = {k: float(np.mean([x[k] for x in s])) for k in s[0]}
-            rows.append([setting, lr, norm, m["rel"], m["one_minus_cos"], m["update_rel"], m["per_update"],
+            loss = float(np.mean([common.last(r, "train/loss") for r in arms[norm]]))
+            rows.append([setting, lr, norm, m["rel"], m["one_minus_cos"], m["update_rel"], m["per_update"], loss,
                          f"{sum(r.summary.get('status') == 'completed' for r in arms[norm])}/{len(arms[norm])}"])
     lines = ["Gradient ICS by Def. 2.1 (the `ics` probe). Means over seeds of the mean over hidden layers "
              "1..L-1 and the probe's cadence points. lr is the paper's rate for the paper DLN (on its summed "
              "squared error) and the configured rate otherwise. Shift = ||u_<i|| / ||theta_<i||, the relative "
              "size of the update of the earlier layers.", ""]
     lines += common.table(["setting", "lr", "norm", "||G-G'||/||G||", "1 - cos", "shift", "ICS / shift",
-                           "completed"], rows)
+                           "final train loss", "completed"], rows)
     lines += ["", "## Claims", ""] + common.claims_table(claims)
     lines += [""] + [f"- `{c['id']}`: {c['note']}" for c in claims]
     common.write_report(NAME, args.results, "Santurkar et al. (2018): gradient internal covariate shift",
