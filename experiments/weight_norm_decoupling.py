@@ -142,7 +142,7 @@ def main(argv=None):
         per["grow"].append(min(v_norm_ratio(r_wn, n) for n in LAYERS))
         _, e = series(r_wn, f"weights/{EFF_LAYER}/eff_lr")
         per["eff"].append(float(e[-1] / e[0]))
-    fmt = {k: np.array(v).round(6).tolist() for k, v in per.items()}
+    fmt = {k: "[" + ", ".join(f"{x:.3g}" for x in v) + "]" for k, v in per.items()}
     claims = [
         SUM.verdict(per["sum"], note=f"per seed {fmt['sum']}; {steps} steps"),
         STEP.verdict(per["step"], note=f"per seed {fmt['step']}"),
