@@ -251,7 +251,10 @@ def report(args, trained, lrs, pilot, seeds, claims):
         rows.append(row)
     lines += common.table(["lr", "BN diverged", "BN test acc", "none diverged", "none test acc"], rows)
     lines += ["", f"Chosen (largest rate stable on every seed, test accuracy >= {MIN_ACCURACY}): "
-              f"BN {lrs['own_lr']['batch']:g}, none {lrs['own_lr']['none']:g}.", "", "## Landscape", ""]
+              f"BN {lrs['own_lr']['batch']:g}, none {lrs['own_lr']['none']:g}."]
+    lines += [f"norm={n} is stable at the grid's top rate {RATES[-1]:g}: its own largest stable rate may be "
+              "larger (censored by the grid)." for n in ARMS if lrs["own_lr"][n] == RATES[-1]]
+    lines += ["", "## Landscape", ""]
     rows = []
     keys = [k for k, _ in STATS] + ["landscape/wide/loss_range", "landscape/wide/grad_diff_max",
                                     "landscape/wide/beta"]
