@@ -31,7 +31,7 @@ def test_committed_copy_shows_figures(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("BN_RESEARCH_NOTEBOOK_STEPS", "40")
-    monkeypatch.setenv("BN_RESEARCH_NOTEBOOK_DEPTH", "3")
+    monkeypatch.setenv("BN_RESEARCH_NOTEBOOK_DEPTH", "2")  # hidden layers: compile time grows with depth
     monkeypatch.setenv("BN_RESEARCH_NOTEBOOK_WORKDIR", str(tmp_path))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as for a user
     nb = nbformat.read(path, as_version=4)
