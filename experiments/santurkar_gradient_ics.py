@@ -1,7 +1,7 @@
 """Santurkar et al. (2018), Def. 2.1 and Fig. 3: batch norm does not reduce gradient-based
 internal covariate shift.
 
-    bn-research reproduce santurkar_gradient_ics    # ~3 minutes on 2 quiet CPU cores (3 seeds)
+    bn-research reproduce santurkar_gradient_ics    # 515 s measured on 2 shared CPU cores (load 5-10), 3 seeds
     python experiments/santurkar_gradient_ics.py --workdir DIR [--quick] [--seeds N]
 
 Claims (criteria fixed below, before any run). The metric of every claim is a per-seed

@@ -1,7 +1,7 @@
 """Santurkar et al. (2018), sec. 3.1 and Fig. 4: batch norm makes the loss landscape
 smoother along the gradient.
 
-    bn-research reproduce santurkar_landscape    # ~4 minutes on 2 quiet CPU cores (3 seeds)
+    bn-research reproduce santurkar_landscape    # 123-135 s measured on 2 shared CPU cores, 3 seeds
     python experiments/santurkar_landscape.py --workdir DIR [--quick] [--seeds N]
 
 Claims (criteria fixed below, before any run). Every metric is a per-seed paired ratio
