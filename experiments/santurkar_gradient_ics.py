@@ -28,8 +28,9 @@ Settings (the `ics` probe, bn_research/probes/ics.py, computes G' exactly by Def
        summed squared error, i.e. 2e-3 and 2e-4 on the framework's 0.5 * mean loss (see
        that file for this and the other choices: A's entry variance 1/10, biases without
        BN, BN with gamma/beta on every hidden layer); 2,000 steps instead of the paper's
-       10,000 (runtime budget: 10,000 steps of the 12 replicas took ~25 minutes on the
-       shared 2-core machine); ICS every 50 steps;
+       10,000 (runtime budget: at the ~13 steps/s observed for one arm's 6 replicas on the
+       shared 2-core machine, 10,000 steps of both arms would take ~25 minutes); ICS every
+       50 steps;
   (ii) dln_project: configs/deep_linear.py defaults (10 hidden layers of 100 units, 100
        inputs, noisy teacher, batch 128, SGD lr 0.01), 1,000 steps instead of 2,000 for the
        runtime budget; ICS every 50 steps;
