@@ -105,12 +105,11 @@ def ml_collections_copy(c):
 
 
 def _finished(c, workdir: Path) -> bool:
-    try:
-        done = json.loads((workdir / "summary.json").read_text())
-        same = json.loads((workdir / "config.json").read_text()) == c.to_dict()
-    except (OSError, ValueError):
-        return False
-    return same and done.get("status") in ("completed", "diverged")
+    """A completed or diverged run of this very config (compared as the run directory
+    stores it: tuples become JSON lists) is in `workdir`."""
+    from bn_research import rundir
+
+    return rundir.finished_summary(Path(workdir), c.to_dict()) is not None
 
 
 def last(run: runs.Run, key: str) -> float:

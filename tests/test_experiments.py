@@ -114,3 +114,14 @@ def test_reproduce_quick_writes_valid_claims(name, tmp_path):
     readme = (results / "README.md").read_text()
     assert all(i in readme for i in ids)
     assert (results / f"{name}.md").exists()
+
+
+def test_finished_runs_are_reused(tmp_path):
+    """A config with tuple settings (stored as JSON lists) matches its finished run."""
+    c = common.config("mlp.py", "width=8", **{"train.num_steps": 10, "train.log_every": 5, "train.eval_every": 10})
+    assert isinstance(c.probes.landscape.step_sizes, tuple)
+    assert not common._finished(c, tmp_path / "run")
+    common.run(c, tmp_path / "run")
+    assert common._finished(c, tmp_path / "run")
+    c.seed = 1
+    assert not common._finished(c, tmp_path / "run")
