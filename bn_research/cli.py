@@ -479,6 +479,8 @@ def cmd_compare(fv, rest):
     if fv.plot:
         try:
             plots.save(plots.learning_curves(loaded, metrics or None), fv.plot)
+        except runs.RunError as e:  # e.g. runs that logged none of the default metrics yet
+            raise UsageError(str(e)) from None
         except OSError as e:
             print(f"bn-research: error: cannot write {fv.plot}: {e.strerror or e}", file=sys.stderr)
             return 1
