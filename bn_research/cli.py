@@ -473,7 +473,8 @@ def cmd_compare(fv, rest):
         raise UsageError(str(e)) from None
     varying = [c for c in table.columns if "." in c and "/" not in c]  # config keys that differ between configs
     differ = ", ".join(varying[:3]) + (f" and {len(varying) - 3} more keys" if len(varying) > 3 else "")
-    print(f"{len(loaded)} runs, {len(table)} configs" + (f" (differing in {differ})" if varying else "")
+    counts = f"{len(loaded)} run{'s' * (len(loaded) != 1)}, {len(table)} config{'s' * (len(table) != 1)}"
+    print(counts + (f" (differing in {differ})" if varying else "")
           + "; final metrics, mean ± std over seeds")
     print(runs.format_table(table), flush=True)
     if fv.plot:
