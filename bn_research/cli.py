@@ -474,9 +474,13 @@ def cmd_compare(fv, rest):
     varying = [c for c in table.columns if "." in c and "/" not in c]  # config keys that differ between configs
     differ = ", ".join(varying[:3]) + (f" and {len(varying) - 3} more keys" if len(varying) > 3 else "")
     counts = f"{len(loaded)} run{'s' * (len(loaded) != 1)}, {len(table)} config{'s' * (len(table) != 1)}"
-    print(counts + (f" (differing in {differ})" if varying else "")
-          + "; final metrics, mean ± std over seeds")
-    print(runs.format_table(table), flush=True)
+    try:
+        print(counts + (f" (differing in {differ})" if varying else "")
+              + "; final metrics, mean ± std over seeds")
+        print(runs.format_table(table), flush=True)
+    except BrokenPipeError:  # `compare ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if fv.plot:
         try:
             plots.save(plots.learning_curves(loaded, metrics or None), fv.plot)
