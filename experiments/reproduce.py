@@ -119,6 +119,38 @@ def write_readme(path: Path, results: list[dict], total_s: float, quick: bool) -
     path.write_text("\n".join(lines) + "\n")
 
 
+README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
+
+
+def compact_table(claims: list[dict]) -> list[str]:
+    """One row per claim for the project README: experiment, claim, measured mean [95% CI], n, verdict."""
+    rows = []
+    for c in claims:
+        m = c["measured"]
+        rows.append([c["experiment"], f"`{c['id']}`: {c['claim']}",
+                     f"{common.fmt_num(m['mean'])} [{common.fmt_num(m['ci95'][0])}, {common.fmt_num(m['ci95'][1])}]",
+                     str(m["n"]), "holds" if c["holds"] else "**does not hold**"])
+    return common.table(["experiment", "claim", "measured [95% CI]", "n", "verdict"], rows)
+
+
+def update_project_readme(claims: list[dict], path: Path = ROOT / "README.md") -> bool:
+    """Replace the verdict table between the README's claims markers; False if there are none."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    n_hold = sum(c["holds"] for c in claims)
+    body = [README_START, "", f"{len(claims)} claims, {n_hold} hold, {len(claims) - n_hold} do not "
+            "(written by `bn-research reproduce`; details and notes in "
+            "[experiments/results/README.md](experiments/results/README.md)).", ""]
+    body += compact_table(claims) + ["", README_END]
+    path.write_text(head + "\n".join(body) + tail)
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = args.names or list(EXPERIMENTS)
@@ -152,6 +184,8 @@ def main(argv=None) -> int:
     write_readme(args.results / "README.md",
                  ([{"name": "(earlier runs)", "status": "ok", "wall_s": 0.0, "claims": previous, "error": ""}]
                   if previous else []) + results, total, args.quick)
+    if not args.quick and args.results.resolve() == common.RESULTS.resolve() and update_project_readme(claims):
+        print("updated the verdict table in README.md", file=sys.stderr)
     n_hold = sum(c["holds"] for c in claims)
     print(f"{len(claims)} claims: {n_hold} hold, {len(claims) - n_hold} do not; "
           f"{sum(r['status'] != 'ok' for r in results)} experiments failed; {total:.0f} s; wrote {out}")

@@ -125,3 +125,17 @@ def test_finished_runs_are_reused(tmp_path):
     assert common._finished(c, tmp_path / "run")
     c.seed = 1
     assert not common._finished(c, tmp_path / "run")
+
+
+def test_project_readme_table_is_replaced_between_markers(tmp_path):
+    claim = common.Claim("x_up", "paper", "x is above 1", "ratio", "> 1", common.above(1.0))
+    claims = [{**claim.verdict([1.5, 1.6, 1.7]), "experiment": "demo"}]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{reproduce.README_START}\nold table\n{reproduce.README_END}\noutro\n")
+    assert reproduce.update_project_readme(claims, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "`x_up`: x is above 1" in text and "| holds |" in text and "1 claims, 1 hold" in text
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not reproduce.update_project_readme(claims, plain) and plain.read_text() == "no markers\n"
