@@ -64,6 +64,7 @@ QUICK_DEPTH, QUICK_WIDTH = 2, 16  # --quick: a smoke test of the same claims
 LEARNING_RATE, BATCH = 0.1, 128  # the paper's VGG settings (App. A.1(1)): plain SGD, fixed rate
 CHANCE = 0.1  # ten digit classes; the accuracy counted for a diverged run
 EPS = 1e-8  # guards the division by a unit's standard deviation
+WINDOW = 60  # the figure's percentile panel shows the last this many steps, every step
 PERCENTILE_SAMPLES = 32  # the figure's percentiles over every 4th example (all 128 cost 40% of the step time)
 
 INSTABILITY = Claim(
@@ -222,11 +223,13 @@ def figure(runs_, m, layers):
     for arm, color in (("none", "C0"), ("noisy_batch", "C2")):
         run = runs_[arm][0]
         for p, style in (("p15", ":"), ("p50", "-"), ("p85", ":")):
-            series = unit_series(run, last, f"act_in_{p}")
+            series = unit_series(run, last, f"act_in_{p}")[-WINDOW:, 0]
             if series.size:
                 label = {"p15": f"{arm} p15, p85", "p50": f"{arm} p50"}.get(p)
-                axes[2].plot(np.arange(1, len(series) + 1), series[:, 0], style, color=color, lw=0.8, label=label)
-    axes[2].set(xlabel="step", ylabel="input of unit 0", title=f"{last}, unit 0: 15/50/85th percentiles (seed 0)")
+                steps = np.arange(len(series)) + int(run.summary.get("step", len(series))) - len(series) + 1
+                axes[2].plot(steps, series, style, color=color, lw=1.0, marker=".", ms=2, label=label)
+    axes[2].set(xlabel="step", ylabel="nonlinearity input of unit 0",
+                title=f"{last}, unit 0: 15/50/85th percentiles, last {WINDOW} steps (seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -250,7 +253,7 @@ def report(args, runs_, m, layers, claims):
              "per step, per unit, |change of the training-batch mean of the nonlinearity input| / its std, "
              "averaged over units, hidden layers and steps; same for the std.", ""]
     lines += common.table(["arm", f"train loss, mean of steps 1-{first}", f"test acc @ {first}", f"test acc @ {steps}",
-                           "|d mean|/sd per step", "|d sd|/sd per step", "diverged seeds"], rows)
+                           "mean abs. change of mean / sd, per step", "same, of sd", "diverged seeds"], rows)
     lines += ["", "## Claims", ""] + common.claims_table(claims)
     lines += ["", "Notes:", ""] + [f"- `{c['id']}`: {c['note']}" for c in claims]
     fig = figure(runs_, m, layers)
