@@ -2,7 +2,7 @@
 instability ("noisy" batch norm) still trains well, so its benefit does not come from
 stable layer-input distributions.
 
-    bn-research reproduce santurkar_noisy_bn      # ~4 minutes on 2 quiet CPU cores, 3 seeds
+    bn-research reproduce santurkar_noisy_bn      # ~4 minutes on 2 CPU cores, 3 seeds (231 s measured)
     python experiments/santurkar_noisy_bn.py --workdir DIR [--quick] [--seeds N]
 
 Claims (criteria fixed below before any run; per-seed paired quantities, 95% CI over seeds):
@@ -34,7 +34,7 @@ Protocol and the choices made where the paper is silent or out of reach:
 - r_sigma = 0.1 read as the standard deviation of N(sigma, r_sigma) (norm.noise_r_sigma_is;
   the paper does not say); the noise acts on the output of the batch-norm layer, after
   gamma and beta ("injected after BatchNorm layers"; norm.noise_after_affine).
-- Instability, per step and in units of each unit's standard deviation (the issue's
+- Instability, per step and in units of each unit's standard deviation (this project's
   definition, not a number from the paper): for every hidden layer and unit, the batch
   mean of the nonlinearity's input on the training batch (noise included: it is what the
   next layer sees) at consecutive steps t-1, t; |mu_t - mu_{t-1}| / sd_{t-1}, averaged
