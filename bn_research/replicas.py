@@ -265,12 +265,11 @@ def train_replicas(config, workdirs, *, overwrite: bool = False, dataset=None) -
     if finished is not None:
         return finished
     with contextlib.ExitStack() as locks:  # one writer per workdir, held until the summaries
-        for w in workdirs:
-            locks.enter_context(rundir.WorkdirLock(w))
-        return _train(config, configs, workdirs, dataset)
+        held = [locks.enter_context(rundir.WorkdirLock(w)) for w in workdirs]
+        return _train(config, configs, workdirs, dataset, held)
 
 
-def _train(config, configs, workdirs, dataset) -> list[dict]:
+def _train(config, configs, workdirs, dataset, locks) -> list[dict]:
     t0 = time.time()
     bar = progress.Progress(f"train {len(configs)} replicas in {Path(workdirs[0]).parent}", int(config.train.num_steps))
     try:
@@ -281,8 +280,9 @@ def _train(config, configs, workdirs, dataset) -> list[dict]:
         bar.close()
         raise
     timings = {"setup_s": time.time() - t0, "compile_s": 0.0}  # this session's; not in steps_per_s
-    for c, w in zip(configs, workdirs, strict=True):
+    for c, w, lock in zip(configs, workdirs, locks, strict=True):
         rundir.prepare(w, c.to_dict(), overwrite=True)
+        lock.mark()
     layer_names = b["setups"][0]["model"].layer_names()
     hosts = [_Run(c, w, layer_names, i, len(configs)) for i, (c, w) in enumerate(zip(configs, workdirs, strict=True))]
     t = config.train

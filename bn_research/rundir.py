@@ -79,49 +79,62 @@ LOCK = ".lock"
 
 
 class WorkdirLock:
-    """One writer per run directory: an exclusive `flock` on `<workdir>/.lock`, held from
+    """One writer per run directory: an exclusive `flock` on the workdir itself, held from
     before setup until the summary is written. The kernel drops it when the process ends,
-    so a crashed run never leaves a stale lock; the file names the last holder.
+    so a crashed run never leaves a stale lock. Taking the lock writes nothing; once the
+    run starts writing (`mark()`), `<workdir>/.lock` names the holder for the message a
+    second process gets. A workdir the lock had to create is removed again if the run is
+    refused before it writes anything.
 
-        with WorkdirLock(workdir):
-            ...  # a second process on the same workdir gets WorkdirError naming this one
+        with WorkdirLock(workdir) as lock:
+            ...; lock.mark()  # a second process on the same workdir gets WorkdirError naming this one
     """
 
     def __init__(self, workdir: Path):
-        self.workdir, self.fd = Path(workdir), None
+        self.workdir, self.fd, self.created = Path(workdir), None, False
 
     def __enter__(self):
         import fcntl
 
         if self.workdir.exists() and not self.workdir.is_dir():
             raise WorkdirError(f"workdir {self.workdir} exists and is not a directory; choose another")
-        path = self.workdir / LOCK
         try:
+            self.created = not self.workdir.exists()
             self.workdir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.workdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError as e:
             raise WorkdirError(f"cannot write to workdir {self.workdir} ({e.strerror or e}); "
                                "choose a writable --workdir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
+            try:
+                holder = (self.workdir / LOCK).read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise WorkdirError(f"workdir {self.workdir} is in use by {holder}; wait for it to finish, "
                                "stop it, or choose another --workdir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"pid {os.getpid()} on {platform.node()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])[:120]})\n").encode())
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
+    def mark(self) -> None:
+        """Name this process as the holder (`<workdir>/.lock`), once the run writes."""
+        (self.workdir / LOCK).write_text(f"pid {os.getpid()} on {platform.node()} since "
+                                         f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])[:120]})\n")
+
+    def __exit__(self, exc_type, *exc):
         import fcntl
 
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        if exc_type is not None and self.created:
+            try:
+                self.workdir.rmdir()  # only if still empty: nothing of this run to keep
+            except OSError:
+                pass
         return False
 
 

@@ -221,12 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
         return finished
     # One writer per workdir; its problems (a file, another config's run) surface before
     # the dataset and the model are built.
-    with rundir.WorkdirLock(workdir):
+    with rundir.WorkdirLock(workdir) as lock:
         rundir.check(workdir, config_dict, overwrite=overwrite)
-        return _train(config, workdir, config_dict, overwrite=overwrite, dataset=dataset)
+        return _train(config, workdir, config_dict, overwrite=overwrite, dataset=dataset, lock=lock)
 
 
-def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset) -> dict:
+def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset, lock) -> dict:
     """The loop of `train_and_evaluate`, run while holding the workdir's lock."""
     t0 = time.time()
     t = config.train
@@ -253,6 +253,7 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
         if restored is not None:
             start, state, meta = restored
         rundir.truncate_metrics(workdir, start)
+    lock.mark()  # from here on the run writes: name it as the workdir's holder
     writer = rundir.MetricsWriter(workdir, config_dict, s["model"].layer_names())
     recorder = probes.Recorder(config, workdir, s["model"].layer_names())
     resumes = list(meta.get("resumes", []))
