@@ -86,7 +86,9 @@ def run_one(name: str, args) -> dict:
         claims, status, error = [], "failed", f"{type(e).__name__}: {e}".splitlines()[0]
     wall = time.time() - t0
     print(f"== {name}: {status} in {wall:.0f} s", file=sys.stderr, flush=True)
-    return {"name": name, "status": status, "wall_s": round(wall, 1), "claims": claims, "error": error}
+    return {"name": name, "status": status, "wall_s": round(wall, 1), "claims": claims, "error": error,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _versions() -> dict:
@@ -97,20 +99,29 @@ def _versions() -> dict:
     return {**rundir.versions(), "python": platform.python_version(), "device_kind": jax.devices()[0].device_kind}
 
 
-def write_readme(path: Path, results: list[dict], total_s: float, quick: bool) -> None:
-    claims = [c for r in results for c in r["claims"]]
+def _order(claims: list[dict]) -> list[dict]:
+    """Claims in the order of EXPERIMENTS (stable within an experiment)."""
+    rank = {n: i for i, n in enumerate(EXPERIMENTS)}
+    return sorted(claims, key=lambda c: rank.get(c["experiment"], len(rank)))
+
+
+def write_readme(path: Path, claims: list[dict], records: list[dict], quick: bool) -> None:
+    """The verdict README: every claim, each experiment's last run, the notes."""
     n_hold = sum(c["holds"] for c in claims)
+    total = sum(r["wall_s"] for r in records)
     lines = ["# Reproduced claims", "",
              "Written by `bn-research reproduce" + (" --quick" if quick else "") + "` "
-             f"({len(claims)} claims, {n_hold} hold, {len(claims) - n_hold} do not; "
-             f"total wall time {total_s / 60:.1f} min on this machine). Each criterion was fixed in the "
+             f"({len(claims)} claims, {n_hold} hold, {len(claims) - n_hold} do not; the experiments' runs took "
+             f"{total / 60:.1f} min of wall time on this machine, listed below). Each criterion was fixed in the "
              "experiment's script before its run; measured values are means over seeds with 95% "
              "confidence intervals (Student's t). `claims.json` holds every claim with its per-seed values.", ""]
     lines += common.claims_table(claims)
-    lines += ["", "| experiment | status | wall time | report |", "|---|---|---|---|"]
-    for r in results:
+    lines += ["", "| experiment | status | wall time | finished (UTC) | load average (1, 5, 15 min) | report |",
+              "|---|---|---|---|---|---|"]
+    for r in records:
+        load = ", ".join(f"{x:.1f}" for x in r.get("load_average", []))
         lines.append(f"| {r['name']} | {r['status']}{(': ' + r['error']) if r['error'] else ''} | "
-                     f"{r['wall_s']:.0f} s | [{r['name']}.md]({r['name']}.md) |")
+                     f"{r['wall_s']:.0f} s | {r.get('finished_utc', '')} | {load} | [{r['name']}.md]({r['name']}.md) |")
     lines += ["", "## Notes", ""]
     for c in claims:
         if c.get("note"):
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
         previous = [c for c in json.loads(out.read_text()) if c["experiment"] not in names]
     else:
         previous = []
-    claims = previous + [c for r in results for c in r["claims"]]
+    claims = _order(previous + [c for r in results for c in r["claims"]])
     out.write_text(json.dumps(claims, indent=1) + "\n")
     record = args.results / "reproduce_run.json"
     runs_by_name = {}
@@ -172,18 +183,15 @@ def main(argv=None) -> int:
             runs_by_name = {e["name"]: e for e in json.loads(record.read_text()).get("experiments", [])}
         except (OSError, ValueError, KeyError, TypeError):
             runs_by_name = {}
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    keep = ("name", "status", "wall_s", "error", "finished_utc", "load_average")
     for r in results:
-        runs_by_name[r["name"]] = {**{k: r[k] for k in ("name", "status", "wall_s", "error")}, "finished_utc": stamp,
-                                   "load_average": [round(x, 2) for x in os.getloadavg()]}
+        runs_by_name[r["name"]] = {k: r[k] for k in keep}
     ordered = [runs_by_name[n] for n in EXPERIMENTS if n in runs_by_name]
     record.write_text(json.dumps(
         {"last_command_wall_s": round(total, 1),
          "sum_of_experiment_wall_s": round(sum(e["wall_s"] for e in ordered), 1), "quick": args.quick,
          "seeds": args.seeds, "versions": _versions(), "experiments": ordered}, indent=1) + "\n")
-    write_readme(args.results / "README.md",
-                 ([{"name": "(earlier runs)", "status": "ok", "wall_s": 0.0, "claims": previous, "error": ""}]
-                  if previous else []) + results, total, args.quick)
+    write_readme(args.results / "README.md", claims, ordered, args.quick)
     if not args.quick and args.results.resolve() == common.RESULTS.resolve() and update_project_readme(claims):
         print("updated the verdict table in README.md", file=sys.stderr)
     n_hold = sum(c["holds"] for c in claims)
