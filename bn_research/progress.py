@@ -20,7 +20,7 @@ import contextlib
 import sys
 import time
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # a text bar everywhere: tqdm.auto needs ipywidgets in a notebook
 
 EVERY_S = 10.0  # seconds between progress lines off a terminal
 
