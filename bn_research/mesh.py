@@ -39,8 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def size(config) -> int:
     """Devices on the data axis for `config` (checked against what is available)."""
-    n = int(config.mesh.data) or jax.local_device_count()
-    return n
+    return int(config.mesh.data) or jax.local_device_count()
 
 
 def check(config) -> str | None:

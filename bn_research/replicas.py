@@ -272,13 +272,7 @@ def train_replicas(config, workdirs, *, overwrite: bool = False, dataset=None) -
 def _train(config, configs, workdirs, dataset, locks) -> list[dict]:
     t0 = time.time()
     bar = progress.Progress(f"train {len(configs)} replicas in {Path(workdirs[0]).parent}", int(config.train.num_steps))
-    try:
-        with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
-                                f"norm {config.model.norm}", start_line=False):
-            b = build(config, dataset)
-    except BaseException:
-        bar.close()
-        raise
+    b = train.setup_phase(bar, config, lambda: build(config, dataset))
     timings = {"setup_s": time.time() - t0, "compile_s": 0.0}  # this session's; not in steps_per_s
     for c, w, lock in zip(configs, workdirs, locks, strict=True):
         rundir.prepare(w, c.to_dict(), overwrite=True)

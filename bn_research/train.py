@@ -190,6 +190,19 @@ def _interruptible(fn, stop: _StopSignals) -> None:
         raise box["error"]
 
 
+def setup_phase(bar, config, build):
+    """`build()` as the progress bar's setup phase: one line when it ends (so a usage error
+    found during setup stays the only line); a failure closes the bar. Shared by single runs
+    and vectorized replicas."""
+    try:
+        with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
+                                f"norm {config.model.norm}", start_line=False):
+            return build()
+    except BaseException:
+        bar.close()
+        raise
+
+
 def _truncate_chunk(host: dict, n_steps: int, keep: int) -> dict:
     """Per-step outputs of a chunk of `n_steps` steps cut to the first `keep` steps."""
     return {k: (np.asarray(v)[:keep] if np.ndim(v) >= 1 and np.shape(v)[0] == n_steps else v)
@@ -232,13 +245,7 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
     t = config.train
     num_steps, k = int(t.num_steps), chunk_length(config)
     bar = progress.Progress(f"train {workdir.name}", num_steps)
-    try:
-        with bar.phase("setup", f"dataset {config.dataset.name}, model {config.model.name}, "
-                                f"norm {config.model.norm}", start_line=False):
-            s = setup(config, dataset)
-    except BaseException:
-        bar.close()
-        raise
+    s = setup_phase(bar, config, lambda: setup(config, dataset))
     setup_s = time.time() - t0
     resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
     ckpt = checkpoint.Checkpointer(workdir, int(t.keep_checkpoints))

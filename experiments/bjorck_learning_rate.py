@@ -184,11 +184,7 @@ def figure(grids: dict, seeds: list[int], acc: dict):
     axes[1].set(xscale="log", xlabel="learning rate", ylabel="fraction of seeds diverged",
                 title=f"(b) divergence (loss > {MAX_LOSS:g})", ylim=(-0.05, 1.05))
     axes[2].set(yscale="log", xlabel="step", ylabel="training loss", title=f"(c) training loss, seed {seeds[0]}")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def report(args, grids, seeds, steps, claims, info):

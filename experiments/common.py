@@ -82,26 +82,22 @@ def run(c, workdir: Path) -> runs.Run:
 def run_seeds(c, workdir, seed_list: Sequence[int]) -> list[runs.Run]:
     """Train `c` once per seed (as vectorized replicas: one compiled program for all seeds)
     into `workdir/seed=<s>`, reusing the finished runs of the same config."""
+    multi = c.copy_and_resolve_references()
+    multi.replicas.seeds = tuple(int(s) for s in seed_list)
+    dirs = [Path(workdir) / f"seed={s}" for s in seed_list]
+    return _train_or_reuse(multi, dirs, f"{workdir}/seed=*")
+
+
+def _train_or_reuse(multi, dirs: list[Path], label: str) -> list[runs.Run]:
+    """Train the replicas of `multi` into `dirs` (in `replicas.expand` order) unless every one
+    of them already holds a finished run of its config; load them."""
     from bn_research import replicas
 
-    workdir = Path(workdir)
-    dirs = [workdir / f"seed={s}" for s in seed_list]
-    singles = []
-    for s in seed_list:
-        one = ml_collections_copy(c)
-        one.seed = int(s)
-        singles.append(one)
-    if all(_finished(one, d) for one, d in zip(singles, dirs, strict=True)):
-        print(f"reusing {workdir}/seed=*", file=sys.stderr)
-        return [runs.load(d) for d in dirs]
-    multi = ml_collections_copy(c)
-    multi.replicas.seeds = tuple(int(s) for s in seed_list)
-    replicas.train_replicas(multi, dirs, overwrite=True)
+    if all(_finished(one, d) for one, d in zip(replicas.expand(multi), dirs, strict=True)):
+        print(f"reusing {label}", file=sys.stderr)
+    else:
+        replicas.train_replicas(multi, dirs, overwrite=True)
     return [runs.load(d) for d in dirs]
-
-
-def ml_collections_copy(c):
-    return c.copy_and_resolve_references()
 
 
 def _finished(c, workdir: Path) -> bool:
@@ -117,6 +113,15 @@ def last(run: runs.Run, key: str) -> float:
     if col is None or col.dropna().empty:
         return float("nan")
     return float(col.dropna().iloc[-1])
+
+
+def finish_figure(fig, axes, fontsize: int = 7):
+    """The experiments' common figure finish: a light grid and a legend on every axis, tight layout."""
+    for ax in np.ravel(axes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    return fig
 
 
 def write_report(name: str, results_dir, title: str, lines: list[str], fig=None) -> Path:
@@ -296,14 +301,9 @@ def run_grid(c, workdir, seed_list: Sequence[int], rates: Sequence[float]) -> di
     finished runs (completed or diverged) of the same configs. Keys are (seed, rate)."""
     from bn_research import replicas
 
-    multi = ml_collections_copy(c)
+    multi = c.copy_and_resolve_references()
     multi.replicas.seeds = tuple(int(s) for s in seed_list)
     multi.replicas.learning_rates = tuple(float(r) for r in rates)
-    singles = replicas.expand(multi)  # seed-major, like the replicas' order
-    keys = [(int(one.seed), float(one.optimizer.learning_rate)) for one in singles]
+    keys = [(int(one.seed), float(one.optimizer.learning_rate)) for one in replicas.expand(multi)]  # seed-major
     dirs = [Path(workdir) / f"seed={s},lr={r:g}" for s, r in keys]
-    if all(_finished(one, d) for one, d in zip(singles, dirs, strict=True)):
-        print(f"reusing {workdir}/seed=*,lr=*", file=sys.stderr)
-    else:
-        replicas.train_replicas(multi, dirs, overwrite=True)
-    return {k: runs.load(d) for k, d in zip(keys, dirs, strict=True)}
+    return dict(zip(keys, _train_or_reuse(multi, dirs, f"{workdir}/seed=*,lr=*"), strict=True))

@@ -382,11 +382,7 @@ def figure(insts: list[dict], summ: list[dict]):
         ax.set(xscale="linear" if prob == "ols" else "log", xlabel="eta * L", ylabel=ylabel,
                title=f"({'c' if prob == 'ols' else 'd'}) {'least squares' if prob == 'ols' else 'halfspaces'}: "
                      "step-size sweep")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def report(args, insts, summ, claims, iters):

@@ -229,11 +229,7 @@ def figure(trained, lrs):
                             label=f"{norm}, {cond}")
     axes[2, 2].set(xlabel="eta / lr at the max of the beta ratio", ylabel="fraction of measurements",
                    title="where beta peaks on the main grid [1/2, 4] x lr")
-    for ax in axes.ravel():
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def report(args, trained, lrs, pilot, seeds, claims):

@@ -230,11 +230,7 @@ def figure(runs_, m, layers):
                 axes[2].plot(steps, series, style, color=color, lw=1.0, marker=".", ms=2, label=label)
     axes[2].set(xlabel="step", ylabel="nonlinearity input of unit 0",
                 title=f"{last}, unit 0: 15/50/85th percentiles, last {WINDOW} steps (seed 0)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def report(args, runs_, m, layers, claims):

@@ -122,11 +122,7 @@ def figure(wn, none):
     axes[0].set(xlabel="step", ylabel="||v||_F", title="direction norm grows (seed 0)")
     axes[1].set(xlabel="step", ylabel="mean eta/||v_unit||^2", title="effective step falls")
     axes[2].set(xlabel="eta^2 ||dL/dv||^2", ylabel="|measured growth of ||v||^2|", title=f"per step, {EFF_LAYER}")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def main(argv=None):

@@ -155,10 +155,7 @@ def figure(curves, depth):
         ax.plot(np.arange(depth), sq - sq[depth // 2], marker="o", ms=2, label=f"{act}, B={b}")
     for ax, title in zip(axes, ("linear + BN", "ReLU + BN / no BN"), strict=True):
         ax.set(xlabel="layer l (0 = input side)", ylabel="log ||dL/dW_l||^2 (centred at L/2)", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return common.finish_figure(fig, axes)
 
 
 def main(argv=None):
