@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.num_test = 1024  # gaussian_regression: test examples
     c.dataset.noise_std = 0.1  # gaussian_regression: label noise
     c.dataset.seed = 0  # gaussian_regression: teacher and sample seed
+    c.dataset.pipeline = "auto"  # device (arrays on device, batches gathered in jit) | stream (tf.data) | auto
+    c.dataset.device_max_mb = 1024  # auto: device when the float32 train split is <= this (it sits on every device)
+    c.dataset.shuffle_buffer = 16384  # stream: examples in the per-epoch shuffle buffer (files are shuffled too)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # mlp | cnn | deep_linear
@@ -150,6 +153,11 @@ def validate(config) -> None:
     checks = [
         (o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}"),
         (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
+        (config.dataset.pipeline in data.PIPELINES,
+         f"dataset.pipeline must be one of {', '.join(data.PIPELINES)}, got {config.dataset.pipeline!r}"),
+        (config.dataset.device_max_mb >= 0, f"dataset.device_max_mb must be >= 0, got {config.dataset.device_max_mb}"),
+        (config.dataset.shuffle_buffer >= 1,
+         f"dataset.shuffle_buffer must be >= 1, got {config.dataset.shuffle_buffer}"),
         (t.num_steps > 0, f"train.num_steps must be > 0, got {t.num_steps}"),
         (t.eval_every > 0, f"train.eval_every must be > 0, got {t.eval_every}"),
         (t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}"),

@@ -113,13 +113,19 @@ class StepFns:
     """Pure functions of one run, closed over its static graphdef and config."""
 
     train_step: Callable  # (state, data) -> (state, metrics); one step
-    train_chunk: Callable  # (state, data, num_steps static) -> (state, metrics [K])
+    train_chunk: Callable  # (state, data or streamed batches [K, B, ...], num_steps static) -> (state, metrics [K])
     evaluate: Callable  # (params, batch_stats, data) -> metrics
 
 
 def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: int,
-                  probe_fn: Callable | None = None, batch_sharding=None) -> StepFns:
+                  probe_fn: Callable | None = None, batch_sharding=None,
+                  streaming: bool = False) -> StepFns:
     """Build the pure step functions (not yet jitted).
+
+    `streaming=True` makes `train_chunk(state, batches, num_steps)` scan over batches the
+    host already drew (`batches["x"]`: [num_steps, batch, ...], e.g. from
+    bn_research.data.stream) instead of gathering them from a device-resident dataset;
+    the step itself (keys, probes, batch sharding) is the same.
 
     `batch_sharding` (a `NamedSharding`, see bn_research.mesh) constrains every training
     batch, gathered inside jit, to be split over the devices of a mesh; None on one device.
@@ -169,6 +175,15 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
             return step_on(carry, place(batch(carry["step"])), step_keys(carry)[1])
 
         return jax.lax.scan(body, state, None, length=num_steps)
+
+    def train_chunk_streamed(state, batches, num_steps: int):
+        def body(carry, batch):
+            return step_on(carry, place(batch), step_keys(carry)[1])
+
+        return jax.lax.scan(body, state, batches, length=num_steps)
+
+    if streaming:
+        train_chunk = train_chunk_streamed
 
     def evaluate(params, batch_stats, data):
         n = data["x"].shape[0]

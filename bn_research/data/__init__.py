@@ -111,14 +111,81 @@ def load(cfg) -> Dataset:
     `name`, `data_dir` ('' = default), and for gaussian_regression `dim_in, dim_out,
     num_train, num_test, noise_std, seed` (defaults when absent).
     """
+    return _to_dataset(_get(cfg, "name", ""), prepared_builder(cfg))
+
+
+def prepared_builder(cfg):
+    """The tfds builder of `cfg.name`, built once into the data dir (not read into memory)."""
     name = _get(cfg, "name", "")
     check_name(name)
     root = data_dir(_get(cfg, "data_dir", "") or "")
     if name in EMBEDDED:
-        builder = _prepare(lambda: _embedded_builder(name, cfg, root), root, offline_ok=True)
-    else:
-        builder = _prepare(lambda: _tfds().builder(name, data_dir=root), root, offline_ok=False)
-    return _to_dataset(name, builder)
+        return _prepare(lambda: _embedded_builder(name, cfg, root), root, offline_ok=True)
+    return _prepare(lambda: _tfds().builder(name, data_dir=root), root, offline_ok=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a trainer needs to build a model and pick a pipeline, without the arrays."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    num_classes: int | None  # None for regression
+    input_shape: tuple[int, ...]  # shape of one example
+    output_dim: int  # num_classes or d_out
+    num_train: int  # examples in the train split
+    num_test: int  # examples in the test (or validation) split
+    target_shape: tuple[int, ...]  # shape of one target: () for class labels, (d_out,) for regression
+
+    @property
+    def train_bytes(self) -> int:
+        """Bytes of the train split as float32 / int32 arrays (what the device path holds)."""
+        per_example = int(np.prod(self.input_shape, dtype=np.int64)) + int(np.prod(self.target_shape, dtype=np.int64))
+        return 4 * per_example * self.num_train
+
+
+def info(cfg, builder=None) -> DatasetInfo:
+    """Metadata of `cfg.name` from the tfds dataset info: the split is not read into memory
+    (only counted, when the builder does not record split sizes, as under mock_data)."""
+    builder = builder if builder is not None else prepared_builder(cfg)
+    name = _get(cfg, "name", "")
+    lay = _layout(name, builder)
+    x_feature, y_feature = builder.info.features[lay.x_key], builder.info.features[lay.y_key]
+    target_shape = () if lay.classification else tuple(int(d) for d in y_feature.shape)
+    num_classes = int(y_feature.num_classes) if lay.classification else None
+    return DatasetInfo(
+        name=name,
+        task="classification" if lay.classification else "regression",
+        num_classes=num_classes,
+        input_shape=tuple(int(d) for d in x_feature.shape),
+        output_dim=num_classes if lay.classification else int(np.prod(target_shape, dtype=int)),
+        num_train=_num_examples(builder, "train"),
+        num_test=_num_examples(builder, lay.test_split),
+        target_shape=target_shape,
+    )
+
+
+def _num_examples(builder, split: str) -> int:
+    splits = builder.info.splits
+    if splits and split in splits and splits[split].num_examples:
+        return int(splits[split].num_examples)
+    return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
+
+
+PIPELINES = ("device", "stream", "auto")
+DEFAULT_DEVICE_MAX_MB = 1024
+
+
+def choose_pipeline(cfg, dataset_info: DatasetInfo) -> str:
+    """`device` or `stream` for `cfg.pipeline`; `auto` picks `device` when the train split's
+    float32 bytes are at most `cfg.device_max_mb` MiB, else `stream`."""
+    pipeline = _get(cfg, "pipeline", "auto")
+    if pipeline not in PIPELINES:
+        raise DatasetError(f"dataset.pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    if pipeline != "auto":
+        return pipeline
+    limit = float(_get(cfg, "device_max_mb", DEFAULT_DEVICE_MAX_MB))
+    return "device" if dataset_info.train_bytes <= limit * 2**20 else "stream"
 
 
 def _get(cfg, key: str, default):
@@ -226,7 +293,20 @@ def _probe(host: str, port: int) -> str | None:
     return result[0] if result else f"cannot reach {host}:{port}: timed out"
 
 
-def _to_dataset(name: str, builder) -> Dataset:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a builder keeps its examples: split names, feature keys and their kinds."""
+
+    splits: list[str]  # recorded split names ([] when the builder records none)
+    test_split: str  # "test", or "validation" when there is no test split
+    x_key: str
+    y_key: str
+    is_image: bool  # x is a tfds Image feature (integers scaled to [0, 1])
+    classification: bool  # y is a tfds ClassLabel
+
+
+def _layout(name: str, builder) -> Layout:
+    """The builder's Layout; DatasetError (one line) for a dataset this library cannot train on."""
     tfds = _tfds()
     info = builder.info
     splits = list(info.splits.keys()) if info.splits else []
@@ -238,9 +318,18 @@ def _to_dataset(name: str, builder) -> Dataset:
     x_key, y_key = info.supervised_keys[:2]
     if not isinstance(x_key, str) or not isinstance(y_key, str):
         raise DatasetError(f"dataset '{name}' has nested supervised keys {info.supervised_keys}; not supported")
-    x_feature, y_feature = info.features[x_key], info.features[y_key]
-    is_image = isinstance(x_feature, tfds.features.Image)
-    classification = isinstance(y_feature, tfds.features.ClassLabel)
+    return Layout(splits, test_split, x_key, y_key,
+                  is_image=isinstance(info.features[x_key], tfds.features.Image),
+                  classification=isinstance(info.features[y_key], tfds.features.ClassLabel))
+
+
+def _to_dataset(name: str, builder) -> Dataset:
+    tfds = _tfds()
+    info = builder.info
+    lay = _layout(name, builder)
+    splits, test_split, x_key, y_key = lay.splits, lay.test_split, lay.x_key, lay.y_key
+    y_feature = info.features[y_key]
+    is_image, classification = lay.is_image, lay.classification
 
     def read(split):
         if split in splits and info.splits[split].num_examples:
