@@ -70,6 +70,14 @@ def main(out, name):
         ckpt.save(end, state, {"losses": losses})  # every process: orbax's save is collective
     ckpt.wait()
     final = jax.device_get(state)
+    # A host-fed global batch of 8 rows, process i holding rows i*8/P..: shard_batch builds it,
+    # a jitted function sees the whole batch, fetch gathers a sharded output.
+    p, n = jax.process_index(), jax.process_count()
+    rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    batch = mesh.shard_batch(rows[p * 8 // n:(p + 1) * 8 // n], m)
+    shardings = (mesh.batch_sharded(m), mesh.replicated(m))
+    doubled, total = jax.jit(lambda b: (b * 2, b.sum()), out_shardings=shardings)(batch)
+    fed = mesh.fetch({"doubled": doubled, "total": total})
     restored_step, restored, meta = ckpt.restore_latest(abstract)
     steps = ckpt.steps()
     ckpt.close()
@@ -87,6 +95,8 @@ def main(out, name):
         "restored_digest": checkpoint.state_digest(jax.device_get(restored)),
         "restored_sharding": str(jax.tree_util.tree_leaves(restored)[0].sharding),
         "meta_losses": meta["losses"],
+        "host_fed_batch": {"shape": list(batch.shape), "total": float(fed["total"]),
+                           "doubled_ok": bool(np.array_equal(fed["doubled"], rows * 2))},
         "check_mesh_data_1": mesh.check(config_with(c, **{"mesh.data": 1})),
         "wall_s": time.time() - t0,
     }

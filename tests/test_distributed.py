@@ -65,6 +65,8 @@ def test_two_processes_share_one_mesh_and_end_identical(runs):
         assert r["distributed"] == {"processes": 2, "process_index": i, "local_devices": 1, "devices": 2}
         assert r["mesh"] == {"data": 2} and r["spans_processes"]
         assert "0 (or 2)" in r["check_mesh_data_1"]  # a mesh smaller than all processes' devices is refused
+    for r in (a, b, runs["one"]):  # host-fed batches: each process gives its part of the global batch
+        assert r["host_fed_batch"] == {"shape": [8, 3], "total": float(sum(range(24))), "doubled_ok": True}
     assert a["params_digest"] == b["params_digest"] and a["state_digest"] == b["state_digest"]
     assert a["losses"] == b["losses"] and a["eval"] == b["eval"]
 
