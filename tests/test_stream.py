@@ -101,6 +101,19 @@ def test_two_processes_partition_every_global_batch(cfg):
         np.testing.assert_array_equal(s.batches(5, 6)["x"], parts[1][5:11])
 
 
+def test_to_device_places_a_chunk_on_the_mesh(cfg):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    with _open(cfg) as s:
+        chunk = s.batches(0, 2)
+        assert s.step_bytes == BATCH * 4 * (8 + 3)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    for placed in (stream.to_device(chunk), stream.to_device(chunk, NamedSharding(mesh, P(None, "data")))):
+        assert isinstance(placed["x"], jax.Array) and placed["x"].shape == (2, BATCH, 8)
+        np.testing.assert_array_equal(np.asarray(placed["y"]), chunk["y"])
+
+
 def test_bad_layouts_fail_with_one_line(cfg):
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         _open(cfg, process_count=3)

@@ -88,6 +88,12 @@ class Stream:
         self._next_step = start_step + num_steps
         return {k: np.stack([s[k] for s in steps]) for k in ("x", "y")}
 
+    @property
+    def step_bytes(self) -> int:
+        """Host bytes of one step's local batch (float32 / int32): a chunk of K steps holds
+        K times this, and the read-ahead `host_prefetch` times more; bound K with it."""
+        return self.local_batch_size * self.info.train_bytes // self.info.num_train
+
     def close(self) -> None:
         """Stops the reader thread and drops the open iterator (the stream can be reused)."""
         if self._reader is not None:
