@@ -109,13 +109,14 @@ class Checkpointer:
             raise ValueError("array bytes do not match the saved digest")
         return state, meta
 
-    def restore_latest(self, target, warn=print):
-        """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+    def restore_latest(self, target, warn=print, steps=None):
+        """(step, state, meta) of the newest readable checkpoint (among `steps`, when given),
+        or None when there is none.
 
         Unreadable newer checkpoints are moved aside (warning each); if every checkpoint
         is unreadable, nothing is moved and CheckpointError is raised.
         """
-        steps = self.steps()
+        steps = [s for s in self.steps() if steps is None or s in steps]
         failures = []
         for step in reversed(steps):
             try:

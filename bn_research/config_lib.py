@@ -137,6 +137,12 @@ def _leaf_paths(config, prefix=""):
             yield f"{prefix}{k}"
 
 
+def replicas_enabled(config) -> bool:
+    """True when `config.replicas` asks for vectorized replicas (bn_research.replicas)."""
+    r = config.get("replicas")
+    return r is not None and bool(tuple(r.seeds) or tuple(r.learning_rates))
+
+
 def validate(config) -> None:
     """Names and values, checked before any work; raises ConfigError (one line)."""
     from bn_research import data, models

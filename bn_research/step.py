@@ -115,6 +115,7 @@ class StepFns:
     train_step: Callable  # (state, data) -> (state, metrics); one step
     train_chunk: Callable  # (state, data or streamed batches [K, B, ...], num_steps static) -> (state, metrics [K])
     evaluate: Callable  # (params, batch_stats, data) -> metrics
+    probe_layout: Callable  # (state, batch) -> {(probe, kind): [(key, size)]}, for probes.Recorder
 
 
 def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: int,
@@ -142,7 +143,8 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         loss, metrics = loss_and_metrics(task, out, batch["y"])
         return loss, (new_stats, metrics, aux)
 
-    def step_on(state, batch, noise_key):
+    def update(state, batch, noise_key):
+        """(new state, metrics, the probes' ctx) of one step, before the probes."""
         grads, (new_stats, metrics, aux) = jax.grad(loss_fn, has_aux=True)(
             state["params"], state["batch_stats"], batch, noise_key
         )
@@ -151,13 +153,29 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         new_state = dict(state, params=params, batch_stats=new_stats, opt_state=opt_state,
                          step=state["step"] + 1)
+        ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,
+               "updates": updates, "params": params, "batch_stats": new_stats,
+               "noise_key": noise_key, "loss_fn": loss_fn}
+        return new_state, metrics, ctx
+
+    def step_on(state, batch, noise_key):
+        new_state, metrics, ctx = update(state, batch, noise_key)
         if probe_fn is not None:
-            ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,
-                   "updates": updates, "params": params, "batch_stats": new_stats,
-                   "noise_key": noise_key, "loss_fn": loss_fn}
             probe_metrics, new_state["probes"] = probe_fn(ctx)
             metrics.update(probe_metrics)
         return new_state, metrics
+
+    def probe_layout(state, batch) -> dict:
+        """How the probes' packed outputs unpack (`ProbeFn.layout`), from the abstract
+        shapes of one step (`jax.eval_shape`: traced, never compiled or run); {} without
+        probes. `batch` may be `jax.ShapeDtypeStruct`s."""
+        if probe_fn is None:
+            return {}
+
+        def results(state, batch):
+            return probe_fn.measure(update(state, batch, step_keys(state)[1])[2])[0]
+
+        return probe_fn.layout(jax.eval_shape(results, state, batch))
 
     def place(batch):
         if batch_sharding is None:
@@ -210,7 +228,8 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
             metrics["accuracy"] = correct_sum.sum() / n
         return metrics
 
-    return StepFns(train_step=train_step, train_chunk=train_chunk, evaluate=evaluate)
+    return StepFns(train_step=train_step, train_chunk=train_chunk, evaluate=evaluate,
+                   probe_layout=probe_layout)
 
 
 def jit_fns(fns: StepFns, out_sharding=None):

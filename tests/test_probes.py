@@ -336,11 +336,10 @@ def test_angle_is_accurate_for_small_and_large_angles():
 
 def test_recorder_rows_land_on_the_right_steps(tmp_path):
     config = small("batch")
-    rec = probes.Recorder(config, tmp_path, ["dense_0"])
-    fp = probes._fingerprint(config)  # the layouts the traced step would have recorded
-    probes._LAYOUTS[(fp, "growth", "scalars")] = [("grad/dense_0/norm", 1), ("grad/growth_factor", 1)]
-    probes._LAYOUTS[(fp, "weights", "scalars")] = [("weights/dense_0/w_norm", 1)]
-    probes._LAYOUTS[(fp, "drift", "units")] = [("dist/dense_0/train/act_in_mean", 3)]
+    layout = {("growth", "scalars"): [("grad/dense_0/norm", 1), ("grad/growth_factor", 1)],
+              ("weights", "scalars"): [("weights/dense_0/w_norm", 1)],
+              ("drift", "units"): [("dist/dense_0/train/act_in_mean", 3)]}
+    rec = probes.Recorder(config, tmp_path, ["dense_0"], layout)
     host = {"loss": np.zeros(5), "probes/growth/valid": np.array([False, True, False, False, True]),
             "probes/growth/scalars": np.stack([np.arange(5.0), -np.arange(5.0)], 1),
             "probes/weights/valid": np.zeros(5, bool),
@@ -354,6 +353,22 @@ def test_recorder_rows_land_on_the_right_steps(tmp_path):
     assert list(df.columns) == store.COLUMNS
     assert df["step"].tolist() == [6, 6, 6] and df["value"].tolist() == [0.0, 1.0, 2.0]
     assert set(df["layer"]) == {"dense_0"} and set(df["stat"]) == {"dist/train/act_in_mean"}
+
+
+def test_probe_layout_is_the_packed_order_of_the_traced_step():
+    """`StepFns.probe_layout` (abstract shapes, nothing compiled) matches the vectors the
+    jitted step really emits: same total size per probe and kind, keys in sorted order."""
+    config = small("batch")
+    s = train.setup(config)
+    layout = s["probe_layout"]
+    _, metrics = jax.jit(s["fns"].train_step)(s["state"], s["data"]["train"])
+    assert layout and set(layout) == {(n, k) for n in probes.enabled(config) for k in ("scalars", "units")}
+    for (name, kind), entries in layout.items():
+        keys = [k for k, _ in entries]
+        assert keys == sorted(keys)
+        packed = metrics.get(f"probes/{name}/{kind}")
+        assert (0 if packed is None else packed.shape[0]) == sum(size for _, size in entries), (name, kind)
+    assert ("drift", "units") in layout and any(k.startswith("dist/dense_0/") for k, _ in layout[("drift", "units")])
 
 
 def test_truncated_chunk_is_skipped(tmp_path):

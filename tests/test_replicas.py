@@ -84,3 +84,49 @@ def test_train_and_evaluate_refuses_a_replica_config(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="replicas"):
         train.train_and_evaluate(config, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+REPLICA_RUN = ["--config=configs/mlp.py:norm=noisy_batch,width=32", "--config.replicas.seeds=(0, 1)",
+               "--config.train.num_steps=600", "--config.train.log_every=40", "--config.train.eval_every=200",
+               "--config.train.checkpoint_every=100", "--config.train.keep_checkpoints=2"]
+
+
+def _start_replicas(workdir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", "bn_research", "train", f"--workdir={workdir}", *REPLICA_RUN],
+                            cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_replicas_resume_exactly(tmp_path):
+    """Vectorized replicas checkpoint into their own run directories and resume like single
+    runs: killed after a checkpoint, the rerun writes the rows of a run never stopped."""
+    import signal
+    import time
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    p = _start_replicas(ref)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    names = ["seed0_lr0.5", "seed1_lr0.5"]
+    p = _start_replicas(run)
+    deadline = time.time() + 300
+    while not all((run / n / "checkpoints" / "200").is_dir() for n in names):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not any((run / n / "summary.json").exists() for n in names)
+    p = _start_replicas(run)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert err.count("resuming") == 2
+    for n in names:
+        assert (run / n / "metrics.jsonl").read_bytes() == (ref / n / "metrics.jsonl").read_bytes(), n
+        a, b = runs.load(run / n).summary, runs.load(ref / n).summary
+        assert a["status"] == b["status"] == "completed" and a["final"] == b["final"]
+        assert a["resumed_at"][0] >= 200 and a["replica"]["index"] == names.index(n)

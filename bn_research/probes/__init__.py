@@ -12,7 +12,8 @@ validity flag. Per-step outputs land in the metrics dict as
     probes/<name>/scalars   [S]  packed scalars -> metrics.jsonl keys (e.g. ics/dense_0/grad_diff)
     probes/<name>/units     [U]  packed per-unit arrays -> layer_stats/
 
-(packed in sorted key order; the layout is recorded when the step is traced)
+(packed in sorted key order; `ProbeFn.layout`, computed once per run from the step's
+abstract shapes, says how they unpack)
 
 and the host side `Recorder` turns the valid rows of each fetched chunk into metrics rows
 and per-layer store chunks. Probe state (initial and previous statistics, the fixed probe
@@ -22,7 +23,6 @@ See docs/probes.md for every statistic, its formula and its paper.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import jax.numpy as jnp
@@ -74,54 +74,61 @@ def enabled(config) -> dict[str, int]:
     return out
 
 
-# (config fingerprint, probe, kind) -> [(key, size)]: the order of the packed per-step
-# vectors, filled when the step is traced (always before the first chunk is recorded).
-_LAYOUTS: dict[tuple, list] = {}
+class ProbeFn:
+    """The in-step probe function of one config: `probe_fn(ctx) -> (metrics, probe_state)`
+    packs each probe's outputs into one vector per kind (a scan output per key costs more
+    per step on CPU than the measurement itself); `layout(shapes)` says how they unpack."""
 
+    def __init__(self, config, graphdef):
+        self.config, self.graphdef = config, graphdef
+        self.cadence = enabled(config)
+        self.schedule = weights.make_schedule(config)
 
-def _fingerprint(config) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-def make_probe_fn(config, graphdef, task):
-    """The in-step probe function for `make_step_fns`, or None when no probe is enabled."""
-    del task
-    cadence = enabled(config)
-    if not cadence:
-        return None
-    schedule = weights.make_schedule(config)
-    fingerprint = _fingerprint(config)
-
-    def probe_fn(ctx):
+    def measure(self, ctx):
+        """({probe: {"scalars": {key: array}, "units": {key: array}}}, {probe: valid flag},
+        new probe state): every enabled probe at its cadence, zeros elsewhere."""
         st = ctx["state"]
-        info = {"layer_names": common.layer_names(st["params"]), "graphdef": graphdef,
-                "schedule": schedule}
-        out, new_state = {}, {}
-        for name, every in cadence.items():
+        info = {"layer_names": common.layer_names(st["params"]), "graphdef": self.graphdef,
+                "schedule": self.schedule}
+        results, valid, new_state = {}, {}, {}
+        for name, every in self.cadence.items():
             mod, pstate = PROBES[name], st["probes"][name]
 
             def run(mod=mod, pstate=pstate):
-                return mod.measure(config, info, ctx, pstate)
+                return mod.measure(self.config, info, ctx, pstate)
 
             if every == 1:
-                pred = np.bool_(True)
-                res, new_state[name] = run()
+                valid[name] = np.bool_(True)
+                results[name], new_state[name] = run()
             else:
-                pred = common.on_cadence(st["step"], every)
-                res, new_state[name] = common.maybe(pred, run, pstate)
-            out[f"probes/{name}/valid"] = pred
+                valid[name] = common.on_cadence(st["step"], every)
+                results[name], new_state[name] = common.maybe(valid[name], run, pstate)
+        return results, valid, new_state
+
+    def __call__(self, ctx):
+        results, valid, new_state = self.measure(ctx)
+        out = {}
+        for name, res in results.items():
+            out[f"probes/{name}/valid"] = valid[name]
             for kind in ("scalars", "units"):
-                # One packed vector per probe and kind: a scan output per key costs more per
-                # step on CPU than the measurement itself. The host unpacks by `_LAYOUTS`.
                 keys = sorted(res[kind])
-                layout = [(k, int(np.prod(res[kind][k].shape))) for k in keys]
-                _LAYOUTS[(fingerprint, name, kind)] = layout
                 if keys:
                     out[f"probes/{name}/{kind}"] = jnp.concatenate(
                         [jnp.ravel(res[kind][k]).astype(jnp.float32) for k in keys])
         return out, new_state
 
-    return probe_fn
+    @staticmethod
+    def layout(shapes) -> dict:
+        """{(probe, kind): [(key, size)]}, the order of the packed vectors, from the shapes
+        of `measure`'s results (`jax.eval_shape`; see `step.StepFns.probe_layout`)."""
+        return {(name, kind): [(k, int(np.prod(res[kind][k].shape))) for k in sorted(res[kind])]
+                for name, res in shapes.items() for kind in ("scalars", "units")}
+
+
+def make_probe_fn(config, graphdef, task):
+    """The in-step `ProbeFn` for `make_step_fns`, or None when no probe is enabled."""
+    del task
+    return ProbeFn(config, graphdef) if enabled(config) else None
 
 
 def init_state(config, graphdef, train_state, dataset):
@@ -141,11 +148,11 @@ class Recorder:
     """Host side: turns the per-step probe outputs of a chunk into metrics rows and
     per-unit arrays in the run directory (`layer_stats/`)."""
 
-    def __init__(self, config, workdir, layer_names):
+    def __init__(self, config, workdir, layer_names, layout: dict | None = None):
         self.workdir = workdir
         self.layer_names = list(layer_names)
         self.cadence = enabled(config)
-        self.fingerprint = _fingerprint(config)
+        self.layout = layout or {}  # ProbeFn.layout of the run's step
         self.units: dict[int, dict] = {}  # the last chunk's per-unit arrays {step: {(layer, stat): [U]}}
 
     def record(self, end_step: int, host_metrics: dict) -> dict:
@@ -171,7 +178,7 @@ class Recorder:
                     continue
                 packed = np.asarray(packed)[idx]
                 offset = 0
-                for key, size in _LAYOUTS[(self.fingerprint, name, kind)]:
+                for key, size in self.layout[(name, kind)]:
                     v = packed[:, offset:offset + size]
                     offset += size
                     if kind == "scalars":
