@@ -82,14 +82,16 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, meta: dict) -> None:
-        """Start saving `state` at `step`; returns once the state is on the host."""
+    def save(self, step: int, state, meta: dict) -> str:
+        """Start saving `state` at `step`; returns (once the state is on the host) its
+        `state_digest`."""
         ocp = _ocp()
         host = jax.device_get(state)
         meta = dict(meta, step=int(step), digest=state_digest(host))
         meta["meta_digest"] = meta_digest(meta)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+        return meta["digest"]
 
     def _restore(self, step: int, target):
         ocp = _ocp()

@@ -138,6 +138,14 @@ def _flags(argv=None):
     flags.DEFINE_string("workdir", None, "run directory (train) or sweep root (sweep)",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a run already in --workdir", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "train on several processes (jax.distributed): process 0's "
+                        "host:port; or $BN_RESEARCH_COORDINATOR_ADDRESS", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "train: number of processes; or $BN_RESEARCH_NUM_PROCESSES",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "train: this process's index, 0..num_processes-1; or "
+                         "$BN_RESEARCH_PROCESS_ID", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "train: join the cluster JAX detects (SLURM, TPU pod, ...) "
+                      "without --coordinator_address", flag_values=fv)
     flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one axis of the sweep grid (a dotted config key "
                               "and its values); repeat it for more axes, the runs are their cartesian product",
                               flag_values=fv)
@@ -290,9 +298,10 @@ def _require(fv, *names):
 
 
 def _usage_errors():
-    from bn_research import checkpoint, config_lib, data, rundir
+    from bn_research import checkpoint, config_lib, data, distributed, rundir
 
-    return (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError, checkpoint.CheckpointError)
+    return (config_lib.ConfigError, rundir.WorkdirError, data.DatasetError, checkpoint.CheckpointError,
+            distributed.DistributedError)
 
 
 def _exit_code(summary: dict) -> int:
@@ -334,12 +343,27 @@ def _status_line(summary: dict) -> str:
     return line
 
 
+def _join_processes(fv) -> None:
+    """jax.distributed for a multi-process run, before JAX starts: with --coordinator_address
+    (or its BN_RESEARCH_* variables), or --distributed for a cluster JAX detects itself."""
+    from bn_research import distributed
+
+    explicit = [fv.coordinator_address, fv.num_processes, fv.process_id]
+    from_env = any(os.environ.get(v) for v in distributed.ENV.values())
+    if fv.distributed or from_env or any(v is not None for v in explicit):
+        try:
+            distributed.initialize(*explicit)
+        except distributed.DistributedError as e:
+            raise UsageError(str(e)) from None
+
+
 def cmd_train(fv, rest):
     from bn_research import train
 
     _require(fv, "config", "workdir")
     if rest:
         raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    _join_processes(fv)
     config = fv.config
     from bn_research import replicas
 

@@ -172,3 +172,41 @@ def describe() -> dict:
     """The process layout for summary.json."""
     return {"processes": jax.process_count(), "process_index": jax.process_index(),
             "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+
+
+def on_writer(fn, *, share: bool = False):
+    """`fn()` in the writing process only (all of it in a single-process run).
+
+    Several processes: the others learn with one collective whether it failed, so an error
+    in process 0 (a refused workdir, say) stops every process at once instead of leaving
+    them waiting in the next collective; with `share`, its result (an int or bool) is
+    broadcast and returned everywhere, else the others get None.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    if is_writer():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (re-raised below, after telling the others)
+            error = e
+    code = -1 if error is not None else (int(result) if share and result is not None else 0)
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is not None:
+        raise error
+    if code == -1:
+        raise DistributedError("process 0 stopped the run (its output says why)")
+    return result if is_writer() else (code if share else None)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` holds in any process (one small collective when several run)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from bn_research import checkpoint, probes, rundir, step
+from bn_research import checkpoint, distributed, probes, rundir, step
 
 # Exit codes of a run stopped by a signal (128 + signal number, the shell's convention).
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -213,7 +213,7 @@ class RunHost:
     def save(self, at: int, state, timing) -> None:
         if self.writer is not None:
             self.writer.sync()  # rows up to `at` are on disk before the checkpoint can commit
-        self.ckpt.save(at, state, self.meta(timing))
+        self.summary["state_digest"] = self.ckpt.save(at, state, self.meta(timing))
 
     def close(self, timing, extra: dict) -> dict:
         """Write summary.json (the writer only) and return it."""
@@ -249,9 +249,27 @@ class _StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            # several processes: SIGTERM is JAX's preemption notice (see `agreed`)
+            sigs = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else (signal.SIGINT,)
+            for sig in sigs:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def agreed(self, step: int) -> str | None:
+        """The stop signal, agreed by every process at the chunk boundary ending at `step`.
+
+        Several processes: JAX's preemption service takes SIGTERM (a preemption notice
+        reaches every process at the same sync point) and a SIGINT seen by any process
+        stops them all, so no process waits alone in the next collective."""
+        if jax.process_count() == 1:
+            return self.name
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.name = self.name or "SIGTERM"
+        elif distributed.any_process(self.name is not None):
+            self.name = self.name or "SIGINT"
+        return self.name
 
     def _handle(self, signum, frame):
         del frame
@@ -371,8 +389,8 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
                 compile_s = time.time() - t_compile
             bar.start(start)
             clock["loop"] = time.time()
-            ok = True
-            while start < num_steps and ok and stop.name is None:
+            ok, stopping = True, stop.name is not None
+            while start < num_steps and ok and not stopping:
                 n = min(k, num_steps - start)
                 state, metrics = programs.chunk(state, n)
                 end = start + n
@@ -381,7 +399,8 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
                     ok = process(pending)
                 pending, start = (end, metrics, eval_metrics), end
                 at_checkpoint = checkpoint_every and end % checkpoint_every == 0
-                if ok and end < num_steps and (at_checkpoint or stop.name is not None):
+                stopping = stop.agreed(end) is not None
+                if ok and end < num_steps and (at_checkpoint or stopping):
                     ok = process(pending)  # the state is donated to the next chunk: save it now
                     pending = None
                     if ok:

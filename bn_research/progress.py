@@ -17,6 +17,7 @@ Steps per second count from the end of compilation (this session's steps only).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 
@@ -43,9 +44,10 @@ class Progress:
         p.close()
     """
 
-    def __init__(self, name: str, total: int, *, every_s: float = EVERY_S, file=None):
+    def __init__(self, name: str, total: int, *, every_s: float = EVERY_S, file=None, quiet: bool = False):
         self.name, self.total, self.every_s = name, int(total), float(every_s)
-        self.file = file if file is not None else sys.stderr
+        # quiet: the processes of a multi-process run other than the writer say nothing
+        self.file = open(os.devnull, "w") if quiet else (file if file is not None else sys.stderr)  # noqa: SIM115
         self.bar = tqdm(total=self.total, desc=name, unit="step", disable=None, file=self.file,
                         dynamic_ncols=True)
         self.lines = bool(self.bar.disable)  # off a terminal: lines instead of the bar

@@ -19,6 +19,7 @@ one above `train.max_loss` ends the run as `diverged`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -26,7 +27,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bn_research import config_lib, data, kernels, loop, mesh, models, optim, probes, progress, rundir, step
+from bn_research import (
+    config_lib,
+    data,
+    distributed,
+    kernels,
+    loop,
+    mesh,
+    models,
+    optim,
+    probes,
+    progress,
+    rundir,
+    step,
+)
 
 # Re-exported: the host loop's names that scripts and the CLI use through `train`.
 EXIT_CODES, chunk_length, setup_phase = loop.EXIT_CODES, loop.chunk_length, loop.setup_phase
@@ -70,8 +84,7 @@ def setup(config, dataset=None, *, single_device: bool = False):
         "test": jax.tree_util.tree_map(jnp.asarray, ds.test),
     }
     if sharded:  # state and dataset replicated; each step's batch is split over the mesh
-        state = jax.device_put(state, mesh.replicated(m))
-        device_data = jax.device_put(device_data, mesh.replicated(m))
+        state, device_data = mesh.replicate(state, m), mesh.replicate(device_data, m)
     batch = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((int(config.train.batch_size),) + a.shape[1:], a.dtype), ds.train)
     return {"dataset": ds, "model": model, "graphdef": graphdef, "state": state, "tx": tx,
@@ -91,7 +104,8 @@ def base_summary(s) -> dict:
     """The summary fields a run knows before it trains: versions, devices, kernels, mesh."""
     return {"versions": rundir.versions(), "device_kind": jax.devices()[0].device_kind,
             "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
-            "kernels": kernels.kind(), "mesh": mesh.describe(s["mesh"])}
+            "kernels": kernels.kind(), "mesh": mesh.describe(s["mesh"]),
+            "distributed": distributed.describe()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=False,
@@ -116,26 +130,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=
                    f"{finished.get('step')}); pass --overwrite to run it again")
         return finished
     # One writer per workdir; its problems (a file, another config's run) surface before
-    # the dataset and the model are built.
-    with rundir.WorkdirLock(workdir) as lock:
-        rundir.check(workdir, config_dict, overwrite=overwrite)
+    # the dataset and the model are built. Several processes: process 0 holds the lock and
+    # writes; an error there stops them all (distributed.on_writer).
+    with contextlib.ExitStack() as stack:
+        def claim():
+            held = stack.enter_context(rundir.WorkdirLock(workdir))
+            rundir.check(workdir, config_dict, overwrite=overwrite)
+            return held
+
+        lock = distributed.on_writer(claim)
         return _train(config, workdir, config_dict, overwrite=overwrite, dataset=dataset, lock=lock)
 
 
 def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset, lock) -> dict:
     """One run through `loop.run`, while holding the workdir's lock."""
     t0 = time.time()
-    bar = progress.Progress(f"train {workdir.name}", int(config.train.num_steps))
+    writer = distributed.is_writer()
+    bar = progress.Progress(f"train {workdir.name}", int(config.train.num_steps), quiet=not writer)
     s = loop.setup_phase(bar, config, lambda: setup(config, dataset))
     setup_s = time.time() - t0
-    resume = rundir.prepare(workdir, config_dict, overwrite=overwrite)
-    host = loop.RunHost(config, workdir, s["model"].layer_names(), s["probe_layout"], base_summary(s))
+    resume = distributed.on_writer(lambda: rundir.prepare(workdir, config_dict, overwrite=overwrite), share=True)
+    host = loop.RunHost(config, workdir, s["model"].layer_names(), s["probe_layout"], base_summary(s),
+                        writer=writer)
     state, start, meta = s["state"], 0, None
-    found = host.restore(state) if resume else None
+    found = host.restore(state) if resume else None  # every process: orbax restores collectively
     if found is not None:
         start, state, meta = found
-    lock.mark()  # from here on the run writes: name it as the workdir's holder
-    host.open(start, resumed=resume, meta=meta)
+    if lock is not None:
+        lock.mark()  # from here on the run writes: name it as the workdir's holder
+    host.open(start, resumed=bool(resume), meta=meta)
     chunk_fn, eval_fn = step.jit_fns(s["fns"], mesh.replicated(s["mesh"]) if s["mesh"].size > 1 else None)
     train_data, test_data = s["data"]["train"], s["data"]["test"]
     programs = loop.Programs(

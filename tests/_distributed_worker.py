@@ -103,5 +103,13 @@ def main(out, name):
     (out / f"{name}_{jax.process_index()}.json").write_text(json.dumps(res))
 
 
+def train_run(out, name):
+    """The whole trainer in every process: `train.train_and_evaluate` on one shared workdir."""
+    c = config()
+    c.train.checkpoint_every = CHUNK
+    summary = train.train_and_evaluate(c, Path(out) / name)
+    (Path(out) / f"{name}_{jax.process_index()}.json").write_text(json.dumps(summary))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    (train_run if sys.argv[2].startswith("train") else main)(sys.argv[1], sys.argv[2])

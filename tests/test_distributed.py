@@ -116,3 +116,48 @@ def test_settings_come_from_arguments_then_environment(monkeypatch):
     for var in distributed.ENV.values():
         monkeypatch.delenv(var, raising=False)
     assert distributed.resolve() == (None, None, None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`train.train_and_evaluate` in two processes on one shared workdir, and in one."""
+    out = tmp_path_factory.mktemp("distributed_train")
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [_start(out, "train_two", BN_RESEARCH_COORDINATOR_ADDRESS=address, BN_RESEARCH_NUM_PROCESSES="2",
+                    BN_RESEARCH_PROCESS_ID=str(i)) for i in range(2)]
+    procs.append(_start(out, "train_one"))
+    errs = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=3 * TIMEOUT_S)
+            assert p.returncode == 0, err[-3000:]
+            errs.append(err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return {"two": [json.loads((out / f"train_two_{i}.json").read_text()) for i in range(2)],
+            "one": json.loads((out / "train_one_0.json").read_text()), "out": out, "stderr": errs}
+
+
+def test_the_trainer_runs_on_two_processes_and_only_process_0_writes(trained):
+    a, b = trained["two"]
+    assert a["status"] == b["status"] == "completed" and a["step"] == b["step"] == 30
+    assert a["state_digest"] == b["state_digest"]  # both processes hold the same final state
+    assert a["mesh"] == {"data": 2} and a["distributed"]["processes"] == 2
+    workdir = trained["out"] / "train_two"
+    written = json.loads((workdir / "summary.json").read_text())
+    assert written["distributed"]["process_index"] == 0 and written["state_digest"] == a["state_digest"]
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # one writer: every row once
+    assert "pid" in (workdir / ".lock").read_text()
+    assert trained["stderr"][1].strip() == ""  # process 1 says nothing; process 0 reports progress
+    assert "compile" in trained["stderr"][0]
+
+
+def test_the_trainer_on_two_processes_equals_one_process(trained):
+    (a, _), one = trained["two"], trained["one"]
+    assert one["mesh"] == {"data": 1} and one["distributed"]["processes"] == 1
+    for k in ("eval/loss", "eval/accuracy", "train/loss"):
+        assert a["final"][k] == pytest.approx(one["final"][k], rel=1e-4), k
