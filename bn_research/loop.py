@@ -328,7 +328,8 @@ def setup_phase(bar, config, build):
 class Programs:
     """What the loop runs, for one run or N replicas.
 
-    chunk(state, n) -> (state, metrics with per-step leading axis [n] (after the replica axis))
+    chunk(state, start, n) -> (state, metrics of steps start+1 .. start+n, per-step axis [n]
+        (after the replica axis))
     evaluate(state) -> metrics
     compile(state, sizes) -> None: compile every chunk size and the evaluation ahead of time
     part(host_tree, i) -> run i's part of a fetched tree (identity for one run)
@@ -392,7 +393,7 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
             ok, stopping = True, stop.name is not None
             while start < num_steps and ok and not stopping:
                 n = min(k, num_steps - start)
-                state, metrics = programs.chunk(state, n)
+                state, metrics = programs.chunk(state, start, n)
                 end = start + n
                 eval_metrics = programs.evaluate(state) if end % eval_every == 0 or end == num_steps else None
                 if pending is not None:

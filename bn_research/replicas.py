@@ -87,6 +87,9 @@ def validate(config) -> None:
         raise config_lib.ConfigError("replicas.seeds and replicas.learning_rates must not repeat values")
     for c in configs:
         config_lib.validate(c)
+    if config.dataset.get("pipeline", "auto") == "stream":
+        raise config_lib.ConfigError("vectorized replicas draw each seed's batches on device; set "
+                                     "dataset.pipeline=device (or auto) or train the seeds as separate runs")
 
 
 def _with_rate(config, learning_rate):
@@ -220,7 +223,7 @@ def _train(config, configs, workdirs, finished, overwrite, dataset, locks) -> li
         b["evaluate"].lower(st["params"], st["batch_stats"], test_data).compile()
 
     programs = loop.Programs(
-        chunk=lambda st, n: b["chunk"](st, lrs, train_data, n),
+        chunk=lambda st, start, n: b["chunk"](st, lrs, train_data, n),
         evaluate=lambda st: b["evaluate"](st["params"], st["batch_stats"], test_data),
         compile=compile_all, part=_part)
     summaries = loop.run(config, hosts, programs, state, start, bar, t0=t0, setup_s=setup_s)

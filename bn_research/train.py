@@ -26,6 +26,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bn_research import (
     config_lib,
@@ -46,19 +48,59 @@ from bn_research import (
 EXIT_CODES, chunk_length, setup_phase = loop.EXIT_CODES, loop.chunk_length, loop.setup_phase
 
 
+def _streamed(config, builder):
+    """(Dataset, Stream) of the streaming pipeline: the Dataset holds the whole test split
+    and, as its `train`, a sample of the first training batches in stream order (for the
+    drift probe's fixed batch and weight norm's data-dependent init; read by every process
+    alike), while the Stream feeds this process's part of every training batch."""
+    from bn_research.data import stream
+
+    b, seed = int(config.train.batch_size), int(config.seed)
+    info = data.info(config.dataset, builder)
+    if b > info.num_train:
+        return None, info
+    want = max(8 * b, int(config.probes.drift.probe_batch_size))
+    with stream.Stream(config.dataset, batch_size=b, seed=seed, process_index=0, process_count=1,
+                       host_prefetch=0, builder=builder) as first:
+        k = min(-(-want // b), first.steps_per_epoch)
+        sample = {key: v.reshape((-1,) + v.shape[2:]) for key, v in first.batches(0, k).items()}
+    ds = data.Dataset(name=info.name, task=info.task, train=sample, test=data.load_test(config.dataset, builder),
+                      num_classes=info.num_classes, input_shape=info.input_shape, output_dim=info.output_dim)
+    return ds, stream.Stream(config.dataset, batch_size=b, seed=seed, builder=builder)
+
+
 def setup(config, dataset=None, *, single_device: bool = False):
     """Dataset, model, optimizer and the pure step functions for `config`, placed on the
     mesh of `config.mesh` (bn_research.mesh), or on one device with `single_device`.
 
+    The input pipeline is `data.choose_pipeline` (`dataset.pipeline`): `device` keeps the
+    splits on device and draws batches inside jit; `stream` reads training batches from
+    disk on the host (bn_research.data.stream) and hands the chunk program K steps of them.
+
     Returns a dict with `dataset`, `model`, `graphdef`, `state`, `tx`, `fns`, `data`
-    (device-resident train/test arrays), `mesh` and `probe_layout` (how the probes' packed
-    outputs unpack, for `probes.Recorder`). Usable from notebooks and benchmarks.
+    (device-resident train/test arrays; `train` is None when streaming), `pipeline`,
+    `stream` (the Stream, or None), `num_train`, `mesh` and `probe_layout` (how the probes'
+    packed outputs unpack, for `probes.Recorder`). Usable from notebooks and benchmarks.
     """
-    ds = dataset if dataset is not None else data.load(config.dataset)
-    if config.train.batch_size > ds.train["x"].shape[0]:
+    src, pipeline = None, "device"
+    if dataset is not None:
+        ds, num_train = dataset, dataset.train["x"].shape[0]
+    else:
+        builder = data.prepared_builder(config.dataset)
+        try:
+            pipeline = data.choose_pipeline(config.dataset, data.info(config.dataset, builder))
+        except data.DatasetError as e:
+            raise config_lib.ConfigError(str(e)) from None
+        if pipeline == "stream":
+            ds, src = _streamed(config, builder)
+            num_train = src.info.num_train
+        else:
+            ds = data.load(config.dataset, builder)
+            num_train = ds.train["x"].shape[0]
+    if config.train.batch_size > num_train:
         raise config_lib.ConfigError(
             f"train.batch_size={config.train.batch_size} is larger than the training split of "
-            f"{config.dataset.name} ({ds.train['x'].shape[0]} examples); lower it"
+            f"{config.dataset.name} ({num_train} examples); lower it"
         )
     try:
         model = models.build(config, ds.input_shape, ds.output_dim, config.seed)
@@ -77,10 +119,10 @@ def setup(config, dataset=None, *, single_device: bool = False):
     fns = step.make_step_fns(
         graphdef, tx, task=ds.task, batch_size=config.train.batch_size,
         eval_batch_size=config.train.eval_batch_size, probe_fn=probe_fn,
-        batch_sharding=mesh.batch_sharded(m) if sharded else None,
+        batch_sharding=mesh.batch_sharded(m) if sharded else None, streaming=src is not None,
     )
     device_data = {
-        "train": jax.tree_util.tree_map(jnp.asarray, ds.train),
+        "train": None if src is not None else jax.tree_util.tree_map(jnp.asarray, ds.train),
         "test": jax.tree_util.tree_map(jnp.asarray, ds.test),
     }
     if sharded:  # state and dataset replicated; each step's batch is split over the mesh
@@ -88,16 +130,34 @@ def setup(config, dataset=None, *, single_device: bool = False):
     batch = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((int(config.train.batch_size),) + a.shape[1:], a.dtype), ds.train)
     return {"dataset": ds, "model": model, "graphdef": graphdef, "state": state, "tx": tx,
-            "fns": fns, "data": device_data, "mesh": m,
-            "probe_layout": fns.probe_layout(state, batch)}
+            "fns": fns, "data": device_data, "mesh": m, "pipeline": pipeline, "stream": src,
+            "num_train": num_train, "batch_shapes": batch, "probe_layout": fns.probe_layout(state, batch)}
 
 
-def compile_programs(chunk_fn, eval_fn, state, device_data, sizes) -> None:
-    """Compile the chunk of each size in `sizes` and the evaluation ahead of time
-    (`.lower().compile()`; jit reuses the executables), so the timed loop runs no compiler."""
+def chunk_input(s, start: int, n: int):
+    """What the chunk program of `setup(...)` = `s` takes for steps start .. start + n - 1:
+    the device-resident training split, or the next n streamed batches placed on the mesh
+    (batch axis split over `data`); abstract shapes when `start` is None (compilation)."""
+    if s["stream"] is None:
+        return s["data"]["train"]
+    m = s["mesh"]
+    sharding = NamedSharding(m, P(None, "data")) if m.size > 1 else None
+    if start is None:
+        return jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype, sharding=sharding),
+            s["batch_shapes"])
+    from bn_research.data import stream
+
+    return stream.to_device(s["stream"].batches(start, n), sharding)
+
+
+def compile_programs(chunk_fn, eval_fn, s, state, sizes) -> None:
+    """Compile the chunk of each size in `sizes` and the evaluation of `setup(...)` = `s`
+    ahead of time (`.lower().compile()`; jit reuses the executables), so the timed loop
+    runs no compiler."""
     for n in sizes:
-        chunk_fn.lower(state, device_data["train"], n).compile()
-    eval_fn.lower(state["params"], state["batch_stats"], device_data["test"]).compile()
+        chunk_fn.lower(state, chunk_input(s, None, n), n).compile()
+    eval_fn.lower(state["params"], state["batch_stats"], s["data"]["test"]).compile()
 
 
 def base_summary(s) -> dict:
@@ -105,7 +165,7 @@ def base_summary(s) -> dict:
     return {"versions": rundir.versions(), "device_kind": jax.devices()[0].device_kind,
             "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
             "kernels": kernels.kind(), "mesh": mesh.describe(s["mesh"]),
-            "distributed": distributed.describe()}
+            "distributed": distributed.describe(), "pipeline": s["pipeline"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, overwrite=False,
@@ -160,10 +220,14 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
         lock.mark()  # from here on the run writes: name it as the workdir's holder
     host.open(start, resumed=bool(resume), meta=meta)
     chunk_fn, eval_fn = step.jit_fns(s["fns"], mesh.replicated(s["mesh"]) if s["mesh"].size > 1 else None)
-    train_data, test_data = s["data"]["train"], s["data"]["test"]
+    test_data = s["data"]["test"]
     programs = loop.Programs(
-        chunk=lambda st, n: chunk_fn(st, train_data, n),
+        chunk=lambda st, at, n: chunk_fn(st, chunk_input(s, at, n), n),
         evaluate=lambda st: eval_fn(st["params"], st["batch_stats"], test_data),
-        compile=lambda st, sizes: compile_programs(chunk_fn, eval_fn, st, s["data"], sizes),
+        compile=lambda st, sizes: compile_programs(chunk_fn, eval_fn, s, st, sizes),
     )
-    return loop.run(config, [host], programs, state, start, bar, t0=t0, setup_s=setup_s)[0]
+    try:
+        return loop.run(config, [host], programs, state, start, bar, t0=t0, setup_s=setup_s)[0]
+    finally:
+        if s["stream"] is not None:
+            s["stream"].close()

@@ -104,14 +104,23 @@ def check_name(name: str) -> None:
     )
 
 
-def load(cfg) -> Dataset:
+def load(cfg, builder=None) -> Dataset:
     """Builds (once, cached in the data dir) and loads the dataset `cfg.name`.
 
     `cfg` is the `config.dataset` ConfigDict (or any object with attributes / a mapping):
     `name`, `data_dir` ('' = default), and for gaussian_regression `dim_in, dim_out,
-    num_train, num_test, noise_std, seed` (defaults when absent).
+    num_train, num_test, noise_std, seed` (defaults when absent). `builder`: its
+    `prepared_builder`, when the caller has it already.
     """
-    return _to_dataset(_get(cfg, "name", ""), prepared_builder(cfg))
+    return _to_dataset(_get(cfg, "name", ""), builder if builder is not None else prepared_builder(cfg))
+
+
+def load_test(cfg, builder=None) -> dict[str, np.ndarray]:
+    """The test (or validation) split of `cfg.name` alone, as `load` reads it: what the
+    streaming pipeline keeps on device for evaluation."""
+    builder = builder if builder is not None else prepared_builder(cfg)
+    lay = _layout(_get(cfg, "name", ""), builder)
+    return _read(builder, lay, lay.test_split)
 
 
 def prepared_builder(cfg):
@@ -323,27 +332,27 @@ def _layout(name: str, builder) -> Layout:
                   classification=isinstance(info.features[y_key], tfds.features.ClassLabel))
 
 
-def _to_dataset(name: str, builder) -> Dataset:
+def _read(builder, lay: Layout, split: str) -> dict[str, np.ndarray]:
+    """One split as arrays: images float32 in [0, 1], class labels int32, targets float32."""
     tfds = _tfds()
     info = builder.info
+    if split in lay.splits and info.splits[split].num_examples:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    else:  # Split sizes unknown (e.g. under tfds.testing.mock_data): -1 would batch sys.maxsize.
+        batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=1024)))
+        arrays = {k: np.concatenate([b[k] for b in batches]) for k in (lay.x_key, lay.y_key)}
+    x, y = arrays[lay.x_key], arrays[lay.y_key]
+    scale = np.iinfo(x.dtype).max if lay.is_image and np.issubdtype(x.dtype, np.integer) else 1
+    x = x.astype(np.float32) / np.float32(scale)
+    y = y.astype(np.int32) if lay.classification else y.astype(np.float32)
+    return {"x": x, "y": y}
+
+
+def _to_dataset(name: str, builder) -> Dataset:
     lay = _layout(name, builder)
-    splits, test_split, x_key, y_key = lay.splits, lay.test_split, lay.x_key, lay.y_key
-    y_feature = info.features[y_key]
-    is_image, classification = lay.is_image, lay.classification
-
-    def read(split):
-        if split in splits and info.splits[split].num_examples:
-            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        else:  # Split sizes unknown (e.g. under tfds.testing.mock_data): -1 would batch sys.maxsize.
-            batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=1024)))
-            arrays = {k: np.concatenate([b[k] for b in batches]) for k in (x_key, y_key)}
-        x, y = arrays[x_key], arrays[y_key]
-        scale = np.iinfo(x.dtype).max if is_image and np.issubdtype(x.dtype, np.integer) else 1
-        x = x.astype(np.float32) / np.float32(scale)
-        y = y.astype(np.int32) if classification else y.astype(np.float32)
-        return {"x": x, "y": y}
-
-    train, test = read("train"), read(test_split)
+    y_feature = builder.info.features[lay.y_key]
+    classification = lay.classification
+    train, test = _read(builder, lay, "train"), _read(builder, lay, lay.test_split)
     num_classes = int(y_feature.num_classes) if classification else None
     output_dim = num_classes if classification else int(np.prod(train["y"].shape[1:], dtype=int))
     return Dataset(
