@@ -45,7 +45,9 @@ README.md "Configs" and bn_research/config_lib.py:base_config(), and
 """
 
 # Flags of each command, in the order its help lists them (compare: every flag whose help starts "compare:").
-COMMAND_FLAGS = {"train": ("config", "workdir", "overwrite"), "sweep": ("config", "workdir", "sweep", "overwrite")}
+COMMAND_FLAGS = {"train": ("config", "workdir", "overwrite", "coordinator_address", "num_processes", "process_id",
+                           "distributed"),
+                 "sweep": ("config", "workdir", "sweep", "overwrite")}
 
 COMMAND_ABOUT = {
     "train": ("usage: bn-research train --config FILE[:key=value,...] --workdir DIR [--config.<key>=<value> ...] "

@@ -161,3 +161,12 @@ def test_the_trainer_on_two_processes_equals_one_process(trained):
     assert one["mesh"] == {"data": 1} and one["distributed"]["processes"] == 1
     for k in ("eval/loss", "eval/accuracy", "train/loss"):
         assert a["final"][k] == pytest.approx(one["final"][k], rel=1e-4), k
+
+
+def test_cli_refuses_an_incomplete_process_layout_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "bn_research", "train", "--num_processes=2", "--config=configs/mlp.py",
+                        f"--workdir={workdir}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "give all three" in r.stderr
+    assert not workdir.exists()
