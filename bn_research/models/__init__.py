@@ -5,9 +5,16 @@ names (`dense_0`, `conv_3`, ...; the output layer is `head`). A call
 `model(x, train=..., rng=...)` returns `(output, aux)`, where `aux[layer]` holds the
 layer's normalization input (`norm_in`) and nonlinearity input (`act_in`) for the
 probes; under `jax.jit` whatever the caller does not use is compiled away.
+
+With `model.scan_layers` the MLP's hidden layers 1..depth-1 run under `lax.scan` with
+their variables stacked along a leading layer axis under `stack` (not `layers`); their
+names follow the unrolled layers, numbered on (`dense_1`, `dense_2`, ...), and their aux
+stays stacked inside a `LayerAux` (see there), so the probes can treat them as one batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +63,38 @@ class Layer(nnx.Module):
 
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerAux(Mapping):
+    """The aux of a model with a scanned stack: a read-only mapping {layer name: {"norm_in",
+    "act_in"}} in network order, like the dict of an unrolled model. `groups` holds
+    (names, stacked, {key: array}) per group of layers; a stacked group's arrays carry a
+    leading layer axis, as `lax.scan` returned them. Looking a stacked layer up by name
+    slices it out; the probes read `groups` directly, so the traced program does not
+    unroll the stack."""
+
+    def __init__(self, groups):
+        self.groups = tuple((tuple(names), bool(stacked), tree) for names, stacked, tree in groups)
+        self._where = {n: (g, j) for g, (names, _, _) in enumerate(self.groups) for j, n in enumerate(names)}
+
+    def __getitem__(self, name):
+        g, j = self._where[name]
+        _, stacked, tree = self.groups[g]
+        return {k: v[j] for k, v in tree.items()} if stacked else tree
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+    def tree_flatten(self):
+        return [tree for _, _, tree in self.groups], tuple((names, st) for names, st, _ in self.groups)
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls((names, st, tree) for (names, st), tree in zip(meta, children, strict=True))
+
+
 def _layer_rng(rng, i):
     return None if rng is None else jax.random.fold_in(rng, i)
 
@@ -82,9 +121,6 @@ class MLP(nnx.Module):
         self.names = tuple(layers)
         self.scan_layers = bool(cfg.get("scan_layers", False)) and cfg.depth >= 3
         if self.scan_layers:
-            if cfg.norm == "weight" and norm_cfg.wn_data_init:
-                raise ValueError("model.scan_layers does not support norm=weight with norm.wn_data_init; "
-                                 "set one of them false")
             # Hidden layers 1..depth-1 share one shape: their variables are stacked along a
             # leading layer axis in `stack` and applied by lax.scan, so compile time does not
             # grow with depth. Same initialization as the unrolled model (built the same way).
@@ -107,8 +143,7 @@ class MLP(nnx.Module):
             h = h + out if (self.residual and i > 0) else out
         if self.scan_layers:
             h, stacked_aux = self._scan_stack(h, train, rng)
-            for j, name in enumerate(self.names[1:]):
-                aux[name] = jax.tree_util.tree_map(lambda a, j=j: a[j], stacked_aux)
+            aux = LayerAux([*(((n,), False, a) for n, a in aux.items()), (self.names[1:], True, stacked_aux)])
         return self.head(h), aux
 
     def _scan_stack(self, h, train, rng):
@@ -203,13 +238,31 @@ def build(config, input_shape, output_dim, seed: int):
 def data_init(model, x):
     """Data-dependent initialization of weight-normalized layers (Salimans & Kingma 2016,
     sec. 3), layer by layer on the batch `x`; a no-op for other variants."""
-    layers = model.layers
-    h = x.reshape((x.shape[0], -1)) if isinstance(model, MLP) else x
-    for i, name in enumerate(model.layer_names()):
-        layer = layers[name]
-        if isinstance(layer.linear, (norms.WNDense, norms.WNConv)):
-            norms.wn_data_init(layer.linear, h)
-        out, _ = layer(h, train=False, rng=None)
-        h = h + out if (isinstance(model, MLP) and model.residual and i > 0) else out
+    mlp = isinstance(model, MLP)
+    scanned = mlp and model.scan_layers
+    h = x.reshape((x.shape[0], -1)) if mlp else x
+    for i, name in enumerate(model.layer_names()[:1] if scanned else model.layer_names()):
+        h = _data_init_layer(model.layers[name], h, residual=mlp and model.residual and i > 0)
         if isinstance(model, CNN) and name in model.pool_after:
             h = kernels.max_pool_2x2(h)
+    if scanned:
+        _data_init_stack(model, h)
+
+
+def _data_init_layer(layer, h, *, residual):
+    """Data-dependent init of one layer on its input `h`; returns the layer's output."""
+    if isinstance(layer.linear, (norms.WNDense, norms.WNConv)):
+        norms.wn_data_init(layer.linear, h)
+    out, _ = layer(h, train=False, rng=None)
+    return h + out if residual else out
+
+
+def _data_init_stack(model, h):
+    """`data_init` of a scanned stack, layer by layer (once, eagerly, outside jit): each
+    layer is cut out of the stacked variables, initialized, and written back."""
+    graphdef, state = nnx.split(model.stack)
+    for j in range(len(model.names) - 1):
+        layer = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, j=j: a[j], state))
+        h = _data_init_layer(layer, h, residual=model.residual)
+        state = jax.tree_util.tree_map(lambda a, b, j=j: a.at[j].set(b), state, nnx.state(layer))
+    nnx.update(model.stack, state)

@@ -12,8 +12,8 @@ validity flag. Per-step outputs land in the metrics dict as
     probes/<name>/scalars   [S]  packed scalars -> metrics.jsonl keys (e.g. ics/dense_0/grad_diff)
     probes/<name>/units     [U]  packed per-unit arrays -> layer_stats/
 
-(packed in sorted key order; `ProbeFn.layout`, computed once per run from the step's
-abstract shapes, says how they unpack)
+(packed in sorted key order by `common.pack`; `ProbeFn.layout`, computed once per run from
+the step's abstract shapes, says how they unpack)
 
 and the host side `Recorder` turns the valid rows of each fetched chunk into metrics rows
 and per-layer store chunks. Probe state (initial and previous statistics, the fixed probe
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -111,17 +110,16 @@ class ProbeFn:
         for name, res in results.items():
             out[f"probes/{name}/valid"] = valid[name]
             for kind in ("scalars", "units"):
-                keys = sorted(res[kind])
-                if keys:
-                    out[f"probes/{name}/{kind}"] = jnp.concatenate(
-                        [jnp.ravel(res[kind][k]).astype(jnp.float32) for k in keys])
+                packed = common.pack(res[kind])  # a StackedDict: whole stacks at once, then one gather
+                if packed is not None:
+                    out[f"probes/{name}/{kind}"] = packed
         return out, new_state
 
     @staticmethod
     def layout(shapes) -> dict:
         """{(probe, kind): [(key, size)]}, the order of the packed vectors, from the shapes
         of `measure`'s results (`jax.eval_shape`; see `step.StepFns.probe_layout`)."""
-        return {(name, kind): [(k, int(np.prod(res[kind][k].shape))) for k in sorted(res[kind])]
+        return {(name, kind): common.pack_layout(res[kind])
                 for name, res in shapes.items() for kind in ("scalars", "units")}
 
 

@@ -7,7 +7,8 @@ on the training batch of the step and on a fixed probe batch (drawn once at init
 forward pass in training mode, running statistics left alone), so that drift caused by
 the parameters can be told apart from batch-to-batch sampling noise. Drift is the root
 mean square over units of the change since the previous cadence point (`_drift`) and
-since initialization (`_drift_init`).
+since initialization (`_drift_init`). Statistics are computed a group of layers at a time
+(`common.aux_groups`: one vmap over a scanned stack) and kept so in the probe state.
 """
 
 from __future__ import annotations
@@ -80,21 +81,55 @@ def unit_stats(norm_in, act_in, max_samples: int = 0) -> dict:
             "act_in_p15": p15, "act_in_p50": p50, "act_in_p85": p85}
 
 
+def group_stats(aux, max_samples: int = 0) -> tuple[dict, dict]:
+    """Per-unit statistics of every hidden layer, a group of layers at a time (one vmap
+    over a scanned stack): ({group: {stat: [n, U]}}, {group: its n layer names}), a group
+    keyed by its first layer's name."""
+    stats, names = {}, {}
+    for group, tree in common.aux_groups(aux):
+        stats[group[0]] = jax.vmap(lambda a: unit_stats(a["norm_in"], a["act_in"], max_samples))(tree)
+        names[group[0]] = group
+    return stats, names
+
+
 def all_stats(aux, names, max_samples: int = 0) -> dict:
-    return {n: unit_stats(aux[n]["norm_in"], aux[n]["act_in"], max_samples) for n in names}
+    """{layer: {stat: [U]}} for the layers `names`."""
+    stats, groups = group_stats(aux, max_samples)
+    per_layer = {}
+    for g, st in stats.items():
+        per_layer.update(common.unstack(st, groups[g]))
+    return {n: per_layer[n] for n in names}
 
 
-def drift_outputs(src: str, cur: dict, prev: dict, init: dict):
+def group_outputs(src: str, names, cur: dict, prev: dict, init: dict):
+    """(scalars, per-unit arrays) of one source and one group of layers `names` from current,
+    previous-cadence and initial statistics (stat -> [n, units]): every reduction runs on the
+    whole group, and the outputs stay stacked (`common.StackedDict`, one key per layer)."""
+    scalars, units = common.StackedDict(), common.StackedDict()
+    for stat, v in cur.items():
+        keys = [f"dist/{layer}/{src}/{stat}" for layer in names]
+        scalars.add(keys, v.mean(-1))
+        # rms over units of the change, per layer
+        scalars.add([k + "_drift" for k in keys], jnp.sqrt(jnp.mean(jnp.square(v - prev[stat]), -1)))
+        scalars.add([k + "_drift_init" for k in keys], jnp.sqrt(jnp.mean(jnp.square(v - init[stat]), -1)))
+        units.add(keys, v)
+    return scalars, units
+
+
+def drift_outputs(src: str, cur: dict, prev: dict, init: dict, groups: dict | None = None):
     """(scalars, per-unit arrays) of one source from current, previous-cadence and initial
-    per-unit statistics (dicts layer -> stat -> [units])."""
-    scalars, units = {}, {}
-    for layer, stats in cur.items():
-        for stat, v in stats.items():
-            key = f"dist/{layer}/{src}/{stat}"
-            scalars[key] = v.mean()
-            scalars[key + "_drift"] = common.rms(v - prev[layer][stat])
-            scalars[key + "_drift_init"] = common.rms(v - init[layer][stat])
-            units[key] = v
+    per-unit statistics: dicts layer -> stat -> [units], or with `groups` (group -> layer
+    names, from `group_stats`) dicts group -> stat -> [n, units]."""
+    scalars, units = common.StackedDict(), common.StackedDict()
+    for g, stats in cur.items():
+        if groups is None:  # one layer: a group of one
+            def one(tree):
+                return jax.tree_util.tree_map(lambda x: x[None], tree)
+            s, u = group_outputs(src, (g,), one(stats), one(prev[g]), one(init[g]))
+        else:
+            s, u = group_outputs(src, groups[g], stats, prev[g], init[g])
+        scalars.update(s)
+        units.update(u)
     return scalars, units
 
 
@@ -102,7 +137,7 @@ def init(config, ctx) -> dict:
     """Probe state: the fixed probe batch, its noise key, and initial/previous statistics
     of both sources (filled at the first step)."""
     pc = config.probes.drift
-    train_state, graphdef, names = ctx["train_state"], ctx["graphdef"], ctx["layer_names"]
+    train_state, graphdef = ctx["train_state"], ctx["graphdef"]
     n = int(pc.probe_batch_size) or int(config.train.batch_size)
     x_all = ctx["dataset"].train["x"]
     n = min(n, x_all.shape[0])
@@ -113,7 +148,7 @@ def init(config, ctx) -> dict:
     def stats_of(x):
         _, aux, _ = step.forward(graphdef, train_state["params"], train_state["batch_stats"], x,
                                  train=True, rng=jax.random.key(0))
-        return all_stats(aux, names, int(pc.percentile_samples))
+        return group_stats(aux, int(pc.percentile_samples))[0]
 
     shapes = jax.eval_shape(stats_of, x)
 
@@ -130,21 +165,21 @@ def init(config, ctx) -> dict:
 
 def measure(config, info, ctx, pstate):
     """Outputs and new state at a cadence step."""
-    names = info["layer_names"]
     first = ctx["state"]["step"] == 0
     m = int(config.probes.drift.percentile_samples)
-    current = {"train": all_stats(ctx["aux"], names, m)}
+    current, groups = group_stats(ctx["aux"], m)
+    current = {"train": current}
     if "probe" in pstate:
         from bn_research import step
 
         _, aux, _ = step.forward(info["graphdef"], ctx["state"]["params"], ctx["state"]["batch_stats"],
                                  pstate["x"], train=True, rng=jax.random.wrap_key_data(pstate["key"]))
-        current["probe"] = all_stats(aux, names, m)
-    scalars, units, new = {}, {}, dict(pstate)
+        current["probe"] = group_stats(aux, m)[0]
+    scalars, units, new = common.StackedDict(), common.StackedDict(), dict(pstate)
     for src, cur in current.items():
         init_v = jax.tree_util.tree_map(lambda i, c: jnp.where(first, c, i), pstate[src]["init"], cur)
         prev_v = jax.tree_util.tree_map(lambda p, c: jnp.where(first, c, p), pstate[src]["prev"], cur)
-        s, u = drift_outputs(src, cur, prev_v, init_v)
+        s, u = drift_outputs(src, cur, prev_v, init_v, groups)
         scalars.update(s)
         units.update(u)
         new[src] = {"init": init_v, "prev": cur}

@@ -25,9 +25,12 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def layer_grad_norms(grads, names):
-    """||dL/dW_l||_F of every hidden layer's kernel (v for weight-normalized layers)."""
-    return jnp.stack([common.norm(common.kernel(grads, n)) for n in names])
+def layer_grad_norms(grads, names=None):
+    """[L]: ||dL/dW_l||_F of every hidden layer's kernel (v for weight-normalized layers), in
+    network order (`names`, if given, must be that order); one vmap per group of layers."""
+    del names
+    groups = common.map_groups(lambda lay: common.norm(common.layer_kernel(lay)), grads)
+    return jnp.concatenate([res for _, res in groups])
 
 
 def interior(values):
@@ -55,9 +58,9 @@ def measure(config, info, ctx, pstate):
     norms = layer_grad_norms(ctx["grads"], names)
     init_norms = jnp.where(ctx["state"]["step"] == 0, norms, pstate["init"])
     slope = fit_slope(jnp.square(interior(norms)))  # interior layers only
-    scalars = {"grad/log_sq_norm_slope": slope, "grad/growth_factor": jnp.exp(-slope)}
-    for i, n in enumerate(names):
-        scalars[f"grad/{n}/norm"] = norms[i]
-        scalars[f"grad/{n}/norm_init"] = init_norms[i]
-        scalars[f"grad/{n}/norm_ratio_init"] = norms[i] / init_norms[i]
+    scalars = common.StackedDict([(["grad/log_sq_norm_slope"], slope[None]),
+                                  (["grad/growth_factor"], jnp.exp(-slope)[None])])
+    scalars.add([f"grad/{n}/norm" for n in names], norms)  # [L], one key per layer
+    scalars.add([f"grad/{n}/norm_init" for n in names], init_norms)
+    scalars.add([f"grad/{n}/norm_ratio_init" for n in names], norms / init_norms)
     return {"scalars": scalars, "units": {}}, {"init": init_norms}

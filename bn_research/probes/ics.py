@@ -13,7 +13,8 @@ effective step, so equal nominal learning rates are not equal shifts).
 The definition costs one extra backward pass per layer; all of them run in one batched
 pass: `vmap` over i of the gradient at theta + m_i * update, where the mask m_i is 1 on the
 parameters of layers j < i. Layer 0 has no earlier layer, so G'_0 = G_0 exactly and it is
-not recomputed. Batch-statistic updates of these passes are discarded.
+not recomputed. Batch-statistic updates of these passes are discarded. The layers of a
+scanned stack are masked, read off and reduced as one stacked group (`common.layer_groups`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from bn_research.probes import common
 
@@ -38,30 +40,59 @@ def partially_updated(params, updates, index_tree, i):
                                   params, updates, index_tree)
 
 
-def shifted_grads(loss_fn, params, updates, batch_stats, batch, rng, names):
-    """[G'_1, ..., G'_{L-1}] kernels, one vmapped pass over layers 1..L-1."""
+def shifted_kernels(loss_fn, params, updates, grads, batch_stats, batch, rng, names):
+    """[(group names, G' kernels [n, ...])] per group of `common.layer_groups`, from one
+    vmapped pass over layers i = 1..L-1 (layer 0's entry is G_0 itself: nothing precedes
+    it). The pass returns, for every i, the whole gradient; layer i's kernel is read off
+    row i - 1 by one gather per group, so a scanned stack is never unrolled."""
     index_tree = common.layer_index_tree(params)
+    position = {n: i for i, n in enumerate(names)}
 
     def grad_at(i):
         theta = partially_updated(params, updates, index_tree, i)
-        grads, _ = jax.grad(loss_fn, has_aux=True)(theta, batch_stats, batch, rng)
-        return grads
+        shifted, _ = jax.grad(loss_fn, has_aux=True)(theta, batch_stats, batch, rng)
+        return shifted
 
-    stacked = jax.vmap(grad_at)(jnp.arange(1, len(names)))
-    return [common.kernel(stacked, n)[i - 1] for i, n in enumerate(names) if i > 0]
+    stacked = jax.vmap(grad_at)(jnp.arange(1, len(names))) if len(names) > 1 else None
+    out = []
+    for group, is_stacked in common.layer_groups(params):
+        g = common.layer_kernel(common.group_tree(grads, group, is_stacked))  # [n, ...]
+        rows = np.array([position[n] - 1 for n in group])
+        if rows.max() < 0:
+            out.append((group, g))
+            continue
+        # [L-1, n, ...]: G' of every pass i (rows) for every layer of the group
+        k = (common.layer_kernel(stacked[common.STACK]) if is_stacked
+             else common.layer_kernel(stacked["layers"][group[0]])[:, None])
+        gp = k[np.maximum(rows, 0), np.arange(len(group))]
+        if rows.min() < 0:
+            gp = jnp.where((rows < 0).reshape((-1,) + (1,) * (gp.ndim - 1)), g, gp)
+        out.append((group, gp))
+    return out
+
+
+def per_layer_sq_norms(tree, index_tree, num_layers):
+    """[num_layers + 1]: the squared norm of all parameters of each hidden layer (the head
+    last), one scatter-add per leaf (a stacked leaf adds one row per layer)."""
+    total = jnp.zeros((num_layers + 1,), jnp.float32)
+    for x, j in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(index_tree), strict=True):
+        if np.ndim(j):
+            total = total.at[np.ravel(j)].add(jnp.sum(jnp.square(x), tuple(range(1, x.ndim))))
+        else:
+            total = total.at[j].add(jnp.sum(jnp.square(x)))
+    return total
 
 
 def earlier_update_norms(params, updates, index_tree, num_layers):
     """(||u_{<i}||, ||theta_{<i}||) for i = 0..num_layers-1, each a [num_layers] array: norms
-    over all parameters of the layers j < i (zero for i = 0)."""
-    sq_u, sq_p = [0.0] * num_layers, [0.0] * num_layers
-    leaves = zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params),
-                 jax.tree_util.tree_leaves(index_tree), strict=True)
-    for u, p, j in leaves:
-        for i in range(j + 1, num_layers):  # layer j sits before layers j+1 .. L-1
-            sq_u[i] = sq_u[i] + jnp.sum(jnp.square(u))
-            sq_p[i] = sq_p[i] + jnp.sum(jnp.square(p))
-    return jnp.sqrt(jnp.stack([jnp.asarray(x) for x in sq_u])), jnp.sqrt(jnp.stack([jnp.asarray(x) for x in sq_p]))
+    over all parameters of the layers j < i (zero for i = 0), by an exclusive cumulative sum
+    of the per-layer squared norms."""
+
+    def earlier(sq):
+        return jnp.sqrt(jnp.concatenate([jnp.zeros((1,), sq.dtype), jnp.cumsum(sq[:num_layers - 1])]))
+
+    return (earlier(per_layer_sq_norms(updates, index_tree, num_layers)),
+            earlier(per_layer_sq_norms(params, index_tree, num_layers)))
 
 
 def init(config, ctx):
@@ -73,18 +104,19 @@ def measure(config, info, ctx, pstate):
     del config
     names = info["layer_names"]
     st = ctx["state"]
-    g_prime = shifted_grads(ctx["loss_fn"], st["params"], ctx["updates"], st["batch_stats"],
-                            ctx["batch"], ctx["noise_key"], names)
-    g_prime = [common.kernel(ctx["grads"], names[0])] + g_prime
+    g_prime = shifted_kernels(ctx["loss_fn"], st["params"], ctx["updates"], ctx["grads"], st["batch_stats"],
+                              ctx["batch"], ctx["noise_key"], names)
     u_norm, p_norm = earlier_update_norms(st["params"], ctx["updates"], common.layer_index_tree(st["params"]),
                                           len(names))
-    scalars = {}
-    for i, (n, gp) in enumerate(zip(names, g_prime, strict=True)):
-        g = common.kernel(ctx["grads"], n)
-        diff = common.norm(g - gp)
-        scalars[f"ics/{n}/grad_diff"] = diff
-        scalars[f"ics/{n}/grad_diff_rel"] = diff / common.norm(g)
-        scalars[f"ics/{n}/grad_cos"] = common.cosine(g, gp)
-        scalars[f"ics/{n}/update_norm"] = u_norm[i]
-        scalars[f"ics/{n}/update_rel"] = u_norm[i] / jnp.maximum(p_norm[i], 1e-30)
+    update_rel = u_norm / jnp.maximum(p_norm, 1e-30)
+    scalars, start = common.StackedDict(), 0
+    for (group, gp), (_, is_stacked) in zip(g_prime, common.layer_groups(st["params"]), strict=True):
+        g = common.layer_kernel(common.group_tree(ctx["grads"], group, is_stacked))
+        diff = jax.vmap(common.norm)(g - gp)
+        at = slice(start, start + len(group))  # the group's layers are consecutive
+        start += len(group)
+        stats = {"grad_diff": diff, "grad_diff_rel": diff / jax.vmap(common.norm)(g),
+                 "grad_cos": jax.vmap(common.cosine)(g, gp), "update_norm": u_norm[at],
+                 "update_rel": update_rel[at]}
+        scalars.add_groups("ics/{layer}/{stat}", [(group, stats)])
     return {"scalars": scalars, "units": {}}, pstate

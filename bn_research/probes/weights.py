@@ -51,33 +51,34 @@ def column_norms(w):
     return jnp.sqrt(jnp.sum(jnp.square(w), tuple(range(w.ndim - 1))))
 
 
-def layer_outputs(name, p_before, p_after, grads, lr, kind: str):
-    """(scalars, per-unit arrays) of one layer."""
-    w = common.effective_weight(p_before, name)
-    v = common.kernel(p_before, name)  # the kernel, or the WN direction
-    g = common.kernel(grads, name)
-    dv = common.kernel(p_after, name) - v  # the step's update of the kernel (v)
-    w_next = common.effective_weight(p_after, name)
+def layer_stats(before, after, grad, lr, kind: str):
+    """({stat: scalar}, {stat: [units]}) of one layer from its variables before and after the
+    step and its gradient (run under vmap over a group of layers: see `measure`)."""
+    w = common.layer_effective_weight(before)
+    v = common.layer_kernel(before)  # the kernel, or the WN direction
+    g = common.layer_kernel(grad)
+    dv = common.layer_kernel(after) - v  # the step's update of the kernel (v)
+    w_next = common.layer_effective_weight(after)
     scalars = {
-        f"weights/{name}/w_norm": common.norm(w),
-        f"weights/{name}/angle": common.angle(w, w_next),
-        f"weights/{name}/grad_dot_w": jnp.vdot(g.ravel(), v.ravel()),
-        f"weights/{name}/grad_w_cos": common.cosine(g, v),
+        "w_norm": common.norm(w),
+        "angle": common.angle(w, w_next),
+        "grad_dot_w": jnp.vdot(g.ravel(), v.ravel()),
+        "grad_w_cos": common.cosine(g, v),
         # ||v + dv||^2 - ||v||^2 without cancellation, and its SGD prediction for a gradient
         # orthogonal to v (Salimans & Kingma 2016, sec. 2.2)
-        f"weights/{name}/sq_norm_growth": 2.0 * jnp.vdot(v.ravel(), dv.ravel()) + jnp.vdot(dv.ravel(), dv.ravel()),
-        f"weights/{name}/sq_norm_growth_sgd": jnp.square(lr) * jnp.vdot(g.ravel(), g.ravel()),
+        "sq_norm_growth": 2.0 * jnp.vdot(v.ravel(), dv.ravel()) + jnp.vdot(dv.ravel(), dv.ravel()),
+        "sq_norm_growth_sgd": jnp.square(lr) * jnp.vdot(g.ravel(), g.ravel()),
     }
-    units = {f"weights/{name}/w_norm": column_norms(w)}
-    if common.is_weight_norm(p_before, name):
-        scalars[f"weights/{name}/v_norm"] = common.norm(v)
-        units[f"weights/{name}/v_norm"] = column_norms(v)
+    units = {"w_norm": column_norms(w)}
+    if common.layer_is_weight_norm(before):
+        scalars["v_norm"] = common.norm(v)
+        units["v_norm"] = column_norms(v)
     if kind == "unit":
         eff = lr / jnp.square(column_norms(v))  # one scale-invariant vector per unit
-        scalars[f"weights/{name}/eff_lr"] = eff.mean()
-        units[f"weights/{name}/eff_lr"] = eff
+        scalars["eff_lr"] = eff.mean()
+        units["eff_lr"] = eff
     elif kind == "layer":
-        scalars[f"weights/{name}/eff_lr"] = lr / jnp.sum(jnp.square(v))
+        scalars["eff_lr"] = lr / jnp.sum(jnp.square(v))
     return scalars, units
 
 
@@ -89,11 +90,14 @@ def init(config, ctx):
 def measure(config, info, ctx, pstate):
     lr = info["schedule"](ctx["state"]["step"])
     kind = invariance(config)
-    scalars, units = {}, {}
-    for name in info["layer_names"]:
-        s, u = layer_outputs(name, ctx["state"]["params"], ctx["params"], ctx["grads"], lr, kind)
-        scalars.update(s)
-        units.update(u)
+    scalars, units = common.StackedDict(), common.StackedDict()
+
+    def one(before, after, grad):
+        return layer_stats(before, after, grad, lr, kind)
+
+    groups = common.map_groups(one, ctx["state"]["params"], ctx["params"], ctx["grads"])
+    scalars.add_groups("weights/{layer}/{stat}", [(names, s) for names, (s, _) in groups])
+    units.add_groups("weights/{layer}/{stat}", [(names, u) for names, (_, u) in groups])
     return {"scalars": scalars, "units": units}, pstate
 
 
