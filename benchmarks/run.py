@@ -8,15 +8,24 @@ throughput. Writes `benchmarks/results.json` (with the machine and versions) and
 
 - framework loop (`train.train_and_evaluate`, default logging and probes; and with the
   probes off) vs a hand-written jitted JAX step with no logging (`bare_jax.py`);
-- framework vs a PyTorch eager loop of the same model (`torch_ref.py`; CNN channels_last);
+- framework vs a PyTorch eager loop of the same model (`torch_ref.py`; CNN channels_last),
+  and vs the same PyTorch model and step under `torch.compile` (inductor; compilation in
+  the warm-up, not timed), in the same interleaved repetitions: both ratios side by side;
 - K steps per dispatch (`lax.scan`) vs one step per dispatch;
 - N=8 replicas under `jax.vmap` (`bn_research.replicas`) vs 8 sequential runs;
 - compile time of a depth-100 vs a depth-10 MLP (`model.scan_layers`);
 - achieved FLOP/s (analytic count; XLA's cost analysis alongside) over the FLOP/s of a
-  float32 matmul measured in the same run.
+  float32 matmul measured in the same run;
+- the limit: the framework's train step (K per dispatch, probes off) over its own
+  `dot_general`s and `conv_general_dilated`s alone, traced from the jitted step and run
+  at the same shapes in one jitted loop (`op_limit.py`); 1.0 = the step costs no more
+  than its matrix multiplications and convolutions.
 
-Options: `--reps N` (default 3), `--quick` (fewer steps; for a smoke test), `--out DIR`.
-PyTorch is optional (`pip install -e '.[bench]'`); without it those rows are skipped.
+Options: `--reps N` (default 3), `--quick` (fewer steps; for a smoke test), `--out DIR`,
+`--only SECTIONS` (comma-separated subset of: loop, torch, dispatch, replicas, flops,
+limit, compile; `flops` brings in `dispatch` and `replicas`, whose rates it uses).
+PyTorch is optional (`pip install -e '.[bench]'`); without it, or when `torch.compile`
+does not work here, those rows say `unavailable (<reason>)` instead of a number.
 """
 
 from __future__ import annotations
@@ -42,8 +51,11 @@ import bare_jax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import op_limit  # noqa: E402
 
-from bn_research import data, replicas, train  # noqa: E402
+from bn_research import data, kernels, replicas, train  # noqa: E402
+
+SECTIONS = ("loop", "torch", "dispatch", "replicas", "flops", "limit", "compile")
 
 
 def load_config(name: str, arg: str | None = None):
@@ -164,13 +176,82 @@ def bare_scan(kind, config, dataset, steps, k):
     return run
 
 
-def torch_loop(kind, config, dataset, steps):
+def torch_loop(kind, config, dataset, steps, compiled=False):
+    """PyTorch eager (or `torch.compile`d) loop, warmed up (compiled) before timing."""
     import torch_ref
 
     loop = torch_ref.Loop(kind, config, np.asarray(dataset.train["x"]), np.asarray(dataset.train["y"]),
-                          dataset.output_dim)
-    loop.run(5)
+                          dataset.output_dim, compiled=compiled)
+    loss = loop.run(5)
+    if not math.isfinite(loss):
+        raise RuntimeError(f"warm-up loss is {loss}")
     return lambda: timed_rate(lambda: loop.run(steps), steps)
+
+
+def one_line(e: BaseException, limit=200) -> str:
+    """An exception as one short line (compiler errors can be pages long)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def limit_variants(config, dataset, steps, k):
+    """The framework's train step (K steps per `lax.scan` dispatch, as in `dispatch_variants`)
+    vs the step's own dot_general/conv_general_dilated ops alone at the same shapes, K per
+    dispatch too (`op_limit.program`); both in steps/s. Returns (step, own, info)."""
+    s = train.setup(config, dataset)
+    d = s["data"]["train"]
+    found = op_limit.collect(s["fns"].train_step, s["state"], d)
+    chunk = jax.jit(s["fns"].train_chunk, static_argnums=2, donate_argnums=0)
+    own, operands = op_limit.program(found.ops, k)
+    own = own.lower(operands).compile()  # compiled once: run and read back (which ops XLA kept)
+    kept = op_limit.hlo_counts(own)
+    holder = {"st": chunk(jax.tree_util.tree_map(jnp.copy, s["state"]), d, k)[0]}
+    jax.block_until_ready((holder, own(operands)))
+    n_chunks = max(1, steps // k)
+
+    def step():
+        def go():
+            st = holder["st"]
+            for _ in range(n_chunks):
+                st, m = chunk(st, d, k)
+            jax.block_until_ready(m)
+            holder["st"] = st
+
+        return timed_rate(go, n_chunks * k)
+
+    def ops_alone():
+        def go():
+            for _ in range(n_chunks):
+                total = own(operands)
+            jax.block_until_ready(total)
+
+        return timed_rate(go, n_chunks * k)
+
+    return step, ops_alone, {"found": found, "kept": kept}
+
+
+def limit_note(info, rate_own, analytic_flops) -> str:
+    found, kept = info["found"], info["kept"]
+    c = found.counts()
+    shapes = {}
+    for op in found.ops:
+        shapes[op.describe()] = shapes.get(op.describe(), 0) + op.count  # scan bodies count `length` times
+    listed = "; ".join(f"{n}x {d}" if n > 1 else d for d, n in shapes.items())
+    note = (f"traced train_step holds {c['dot_general']} dot_general + {c['conv_general_dilated']} "
+            f"conv_general_dilated ({found.flops() / 1e6:.1f} MFLOP/step; after dropping "
+            f"{found.eqns_dead} dead equations), run alone they reach {found.flops() * rate_own / 1e9:.1f} GFLOP/s; "
+            f"XLA kept {kept['dot']} dots and {kept['conv']} convolutions of them")
+    if kernels.kind() == "cpu" and c["conv_general_dilated"]:
+        note += ("; kernels.kind()='cpu': the package writes parts of its convolutions (weight gradients, "
+                 "small-channel cases) as dot_generals (bn_research/kernels.py), so the ops counted are those "
+                 "the traced step really contains, not one conv per layer and pass")
+    if abs(found.flops() - analytic_flops) > 0.001 * analytic_flops:
+        note += (f"; the model's analytic conv+dense count is {analytic_flops / 1e6:.1f} MFLOP/step: the rest is "
+                 "written with other operations (e.g. elementwise multiply-adds) and is not in the own-op set")
+    if found.notes:
+        note += "; " + "; ".join(found.notes)
+    return note + f". Ops per step: {listed}"
 
 
 def dispatch_variants(config, dataset, steps, k):
@@ -306,7 +387,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(HERE))
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
     args = p.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if not only or only - set(SECTIONS):
+        p.error(f"--only {args.only!r}: choose from {', '.join(SECTIONS)}")
+    if "flops" in only:  # uses the rates measured by these two
+        only |= {"dispatch", "replicas"}
     out = Path(args.out)
     try:  # checked before the run, not after it
         out.mkdir(parents=True, exist_ok=True)
@@ -317,92 +405,148 @@ def main(argv=None):
     reps, quick = args.reps, args.quick
     t_start = time.time()
     load_start = os.getloadavg()  # other processes on the machine skew every timing; recorded with the results
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
-        print("torch not installed: PyTorch rows skipped (pip install -e '.[bench]')", file=sys.stderr)
+    torch_status = {"eager": None, "compile": None}  # None = usable; else "unavailable (<reason>)"
+    if "torch" in only:
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            why = "torch not installed" if isinstance(e, ModuleNotFoundError) else f"import torch: {one_line(e)}"
+            torch_status["eager"] = torch_status["compile"] = f"unavailable ({why})"
+            print("torch not installed: PyTorch rows say unavailable (pip install -e '.[bench]')", file=sys.stderr)
 
     rows = []
 
-    def add(section, name, a_label, a, b_label, b, ratio_fn, goal=None, unit="steps/s", note=""):
+    def add(section, name, a_label, a, b_label, b, ratio_fn, goal=None, unit="steps/s", note="", **extra):
         sa, sb = stats(a), stats(b)
         ratio = ratio_fn(sa["median"], sb["median"])
         met = None if goal is None else bool(eval(f"{ratio} {goal}"))  # noqa: S307 - goal strings are ours
         rows.append({"section": section, "name": name, "unit": unit, "a": dict(label=a_label, **sa),
-                     "b": dict(label=b_label, **sb), "ratio": ratio, "goal": goal, "met": met, "note": note})
+                     "b": dict(label=b_label, **sb), "ratio": ratio, "goal": goal, "met": met, "note": note,
+                     **extra})
         print(f"{name}: {a_label} {sa['median']:.4g} vs {b_label} {sb['median']:.4g} -> {ratio:.3g}"
               + (f" (goal {goal}: {'met' if met else 'MISSED'})" if goal else ""), flush=True)
+
+    def add_unavailable(section, name, a_label, a, b_label, status, goal=None, unit="steps/s"):
+        """A comparison that could not run here: B says why, in one line; no ratio."""
+        sa = stats(a) if a else {}
+        rows.append({"section": section, "name": name, "unit": unit, "a": dict(label=a_label, **sa),
+                     "b": {"label": f"{b_label}: {status}"}, "ratio": None, "goal": goal, "met": None,
+                     "note": f"{b_label}: {status}", "unavailable": status})
+        print(f"{name}: {b_label}: {status}", flush=True)
 
     matmul = []
     tmp = Path(tempfile.mkdtemp(prefix="bn_bench_"))
     for kind in ("mlp", "cnn"):
         config = load_config(kind)
         ds = data.load(config.dataset)
-        matmul.append(matmul_flops_per_s())
+        if "flops" in only:
+            matmul.append(matmul_flops_per_s())
         if kind == "mlp":
-            loop_steps, bare_n, torch_n, k, disp_n, rep_k = (600, 600, 300, 100, 300, 50) if quick else \
-                (3000, 2000, 1000, 100, 1000, 200)
+            loop_steps, bare_n, torch_n, k, disp_n, rep_k, lim_n, lim_k = \
+                (600, 600, 300, 100, 300, 50, 200, 100) if quick else (3000, 2000, 1000, 100, 1000, 200, 2000, 100)
         else:
-            loop_steps, bare_n, torch_n, k, disp_n, rep_k = (100, 10, 10, 50, 10, 5) if quick else \
-                (300, 50, 50, 50, 50, 10)
-        cfg_loop = load_config(kind, f"steps={loop_steps}")
-        cfg_off = probes_off(load_config(kind, f"steps={loop_steps}"))
-        fw = framework_loop(cfg_loop, ds, tmp / f"{kind}_fw")
-        fw_off = framework_loop(cfg_off, ds, tmp / f"{kind}_fw_off")
-        bare = bare_step(kind, config, ds, bare_n)
-        variants = {"framework": fw, "framework_probes_off": fw_off, "bare": bare}
-        if kind == "mlp":
-            variants["bare_scan"] = bare_scan(kind, config, ds, bare_n, k)
-            cfg_k500 = probes_off(load_config(kind, f"steps={loop_steps},train.steps_per_dispatch=500"))
-            variants["framework_k500"] = framework_loop(cfg_k500, ds, tmp / f"{kind}_fw_k500")
-        if have_torch:
-            variants["torch"] = torch_loop(kind, config, ds, torch_n)
-        res = interleave(variants, reps)
+            loop_steps, bare_n, torch_n, k, disp_n, rep_k, lim_n, lim_k = \
+                (100, 10, 10, 50, 10, 5, 4, 4) if quick else (300, 50, 50, 50, 50, 10, 50, 50)
         sec = f"{kind}: loop"
-        add(sec, f"{kind} framework loop / bare jitted step (time ratio)", "framework", res["framework"],
-            "bare step", res["bare"], lambda a, b: b / a, "<= 1.10",
-            note="framework: train_and_evaluate with the config's default logging, eval, probes, checkpoints")
-        add(sec, f"{kind} framework loop, probes off / bare jitted step (time ratio)", "framework (probes off)",
-            res["framework_probes_off"], "bare step", res["bare"], lambda a, b: b / a, "<= 1.10")
-        if "bare_scan" in res:
-            add(sec, f"{kind} framework loop, probes off / bare scanned steps (time ratio)",
-                "framework (probes off)", res["framework_probes_off"], f"bare scan K={k}", res["bare_scan"],
-                lambda a, b: b / a, note="stricter baseline: hand-written steps also K per dispatch")
-        if "framework_k500" in res:
-            add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare jitted step (time ratio)",
-                "framework (probes off, K=500)", res["framework_k500"], "bare step", res["bare"],
-                lambda a, b: b / a, note="train.steps_per_dispatch=500 instead of gcd(log_every, eval_every)=100")
-            add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare scanned steps (time ratio)",
-                "framework (probes off, K=500)", res["framework_k500"], f"bare scan K={k}", res["bare_scan"],
-                lambda a, b: b / a)
-        if have_torch:
+        run_torch = "torch" in only and torch_status["eager"] is None
+        variants = {}
+        if "loop" in only or run_torch:
+            cfg_loop = load_config(kind, f"steps={loop_steps}")
+            cfg_off = probes_off(load_config(kind, f"steps={loop_steps}"))
+            variants["framework"] = framework_loop(cfg_loop, ds, tmp / f"{kind}_fw")
+            variants["framework_probes_off"] = framework_loop(cfg_off, ds, tmp / f"{kind}_fw_off")
+        if "loop" in only:
+            variants["bare"] = bare_step(kind, config, ds, bare_n)
+            if kind == "mlp":
+                variants["bare_scan"] = bare_scan(kind, config, ds, bare_n, k)
+                cfg_k500 = probes_off(load_config(kind, f"steps={loop_steps},train.steps_per_dispatch=500"))
+                variants["framework_k500"] = framework_loop(cfg_k500, ds, tmp / f"{kind}_fw_k500")
+        if run_torch:
+            variants["torch"] = torch_loop(kind, config, ds, torch_n)
+            if torch_status["compile"] is None:
+                t = time.perf_counter()
+                try:  # compiles on the warm-up steps; a failure is reported, not raised
+                    variants["torch_compile"] = torch_loop(kind, config, ds, torch_n, compiled=True)
+                    print(f"{kind} torch.compile warm-up (compilation) {time.perf_counter() - t:.1f} s", flush=True)
+                except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure
+                    torch_status["compile"] = f"unavailable ({one_line(e)})"
+                    print(f"torch.compile: {torch_status['compile']}", file=sys.stderr, flush=True)
+        res = interleave(variants, reps) if variants else {}
+        if "loop" in only:
+            add(sec, f"{kind} framework loop / bare jitted step (time ratio)", "framework", res["framework"],
+                "bare step", res["bare"], lambda a, b: b / a, "<= 1.10",
+                note="framework: train_and_evaluate with the config's default logging, eval, probes, checkpoints")
+            add(sec, f"{kind} framework loop, probes off / bare jitted step (time ratio)", "framework (probes off)",
+                res["framework_probes_off"], "bare step", res["bare"], lambda a, b: b / a, "<= 1.10")
+            if "bare_scan" in res:
+                add(sec, f"{kind} framework loop, probes off / bare scanned steps (time ratio)",
+                    "framework (probes off)", res["framework_probes_off"], f"bare scan K={k}", res["bare_scan"],
+                    lambda a, b: b / a, note="stricter baseline: hand-written steps also K per dispatch")
+            if "framework_k500" in res:
+                add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare jitted step (time ratio)",
+                    "framework (probes off, K=500)", res["framework_k500"], "bare step", res["bare"],
+                    lambda a, b: b / a, note="train.steps_per_dispatch=500 instead of gcd(log_every, eval_every)=100")
+                add(sec, f"{kind} framework loop, probes off, 500 steps per dispatch / bare scanned steps (time ratio)",
+                    "framework (probes off, K=500)", res["framework_k500"], f"bare scan K={k}", res["bare_scan"],
+                    lambda a, b: b / a)
+        if "torch" in only:
             goal = ">= 5" if kind == "mlp" else ">= 1.0"
-            add(sec, f"{kind} framework / PyTorch eager (speedup)", "framework", res["framework"],
-                "torch eager" + (" channels_last" if kind == "cnn" else ""), res["torch"], lambda a, b: a / b, goal)
-            add(sec, f"{kind} framework, probes off / PyTorch eager (speedup)", "framework (probes off)",
-                res["framework_probes_off"], "torch eager", res["torch"], lambda a, b: a / b, goal)
+            eager = "torch eager" + (" channels_last" if kind == "cnn" else "")
+            compiled = "torch.compile" + (" channels_last" if kind == "cnn" else "")
+            for label, fw_key, tag in (("framework", "framework", ""),
+                                       ("framework (probes off)", "framework_probes_off", ", probes off")):
+                fw_res = res.get(fw_key)
+                name_e = f"{kind} framework{tag} / PyTorch eager (speedup)"
+                name_c = f"{kind} framework{tag} / PyTorch torch.compile (speedup)"
+                if torch_status["eager"] is not None:
+                    add_unavailable(sec, name_e, label, fw_res, eager, torch_status["eager"], goal)
+                    add_unavailable(sec, name_c, label, fw_res, compiled, torch_status["compile"])
+                    continue
+                fw_med, e_med = statistics.median(fw_res), statistics.median(res["torch"])
+                if torch_status["compile"] is None:
+                    c_med = statistics.median(res["torch_compile"])
+                    side = (f"side by side: framework / torch eager {fw_med / e_med:.3g}, framework / torch.compile "
+                            f"{fw_med / c_med:.3g} (torch.compile / eager {c_med / e_med:.3g})")
+                else:
+                    side = f"torch.compile: {torch_status['compile']}"
+                add(sec, name_e, label, fw_res, eager, res["torch"], lambda a, b: a / b, goal, note=side)
+                if torch_status["compile"] is None:
+                    add(sec, name_c, label, fw_res, compiled, res["torch_compile"], lambda a, b: a / b, note=side
+                        + "; inductor, default mode, static shapes; compilation in the warm-up, not timed")
+                else:
+                    add_unavailable(sec, name_c, label, fw_res, compiled, torch_status["compile"])
 
-        scanned, single, s = dispatch_variants(probes_off(load_config(kind)), ds, disp_n, k)
-        res = interleave({"scan": scanned, "single": single}, reps)
-        add(f"{kind}: dispatch", f"{kind} K={k} steps per dispatch / 1 step per dispatch (speedup)",
-            f"scan K={k}", res["scan"], "1 per dispatch", res["single"], lambda a, b: a / b,
-            note="probes off")
-        fw_chunk_rate = statistics.median(res["scan"])
+        if "dispatch" in only:
+            scanned, single, s = dispatch_variants(probes_off(load_config(kind)), ds, disp_n, k)
+            res = interleave({"scan": scanned, "single": single}, reps)
+            add(f"{kind}: dispatch", f"{kind} K={k} steps per dispatch / 1 step per dispatch (speedup)",
+                f"scan K={k}", res["scan"], "1 per dispatch", res["single"], lambda a, b: a / b,
+                note="probes off")
+            fw_chunk_rate = statistics.median(res["scan"])
 
-        vec, seq = replica_variants(probes_off(load_config(kind)), ds, 8, rep_k)
-        res = interleave({"vec": vec, "seq": seq}, max(2, reps - 1) if kind == "cnn" else reps)
-        add(f"{kind}: replicas", f"{kind} 8 replicas vmapped / 8 sequential (throughput)", "vmap N=8",
-            res["vec"], "8 sequential", res["seq"], lambda a, b: a / b, ">= 3", unit="replica-steps/s",
-            note=f"chunks of {rep_k} steps, probes off, compile excluded")
-        vec_rate = statistics.median(res["vec"])
+        if "replicas" in only:
+            vec, seq = replica_variants(probes_off(load_config(kind)), ds, 8, rep_k)
+            res = interleave({"vec": vec, "seq": seq}, max(2, reps - 1) if kind == "cnn" else reps)
+            add(f"{kind}: replicas", f"{kind} 8 replicas vmapped / 8 sequential (throughput)", "vmap N=8",
+                res["vec"], "8 sequential", res["seq"], lambda a, b: a / b, ">= 3", unit="replica-steps/s",
+                note=f"chunks of {rep_k} steps, probes off, compile excluded")
+            vec_rate = statistics.median(res["vec"])
 
-        if kind == "mlp":
-            flops = mlp_step_flops(config, int(np.prod(ds.input_shape)), ds.output_dim)
-        else:
-            flops = cnn_step_flops(config, ds.input_shape, ds.output_dim)
+        analytic = (mlp_step_flops(config, int(np.prod(ds.input_shape)), ds.output_dim) if kind == "mlp"
+                    else cnn_step_flops(config, ds.input_shape, ds.output_dim))
+        if "limit" in only:
+            step_v, own_v, info = limit_variants(probes_off(load_config(kind)), ds, lim_n, lim_k)
+            res = interleave({"step": step_v, "own": own_v}, reps)
+            ops = [{"op": op.name, "shapes": [list(x) for x in op.shapes], "dtypes": [str(x) for x in op.dtypes],
+                    "count": op.count, "mflop": op.flops() / 1e6} for op in info["found"].ops]
+            add(f"{kind}: limit", f"{kind} train step / its own dot+conv ops alone (time ratio)",
+                f"train step (scan K={lim_k}, probes off)", res["step"], "own dot+conv ops alone", res["own"],
+                lambda a, b: b / a, note=limit_note(info, statistics.median(res["own"]), analytic), ops=ops,
+                own_mflop=info["found"].flops() / 1e6, analytic_mflop=analytic / 1e6, kernels=kernels.kind())
+
+        if "flops" not in only:
+            continue
+        flops = analytic
         xla = xla_flops(s["fns"], s["state"], s["data"]["train"])
         mm = matmul[-1]
         rows.append({"section": f"{kind}: flops", "name": f"{kind} FLOP utilization (achieved / fp32 matmul)",
@@ -414,6 +558,22 @@ def main(argv=None):
                              f"8 vmapped replicas reach {flops * vec_rate / mm:.2f}"})
         print(f"{kind} FLOP utilization: {rows[-1]['ratio']:.3f} ({rows[-1]['note']})", flush=True)
 
+    if "compile" in only:
+        compile_rows(add, reps)
+
+    host = dict(machine(), load_average_start=load_start, load_average_end=os.getloadavg())
+    result = {"machine": host, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "reps": reps, "quick": quick, "only": sorted(only, key=SECTIONS.index),
+              "duration_s": time.time() - t_start, "torch_status": torch_status,
+              "matmul_flops_per_s": matmul, "results": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    md = markdown(result)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+def compile_rows(add, reps):
     # Compile time: depth 100 vs depth 10 (scan over layers), probes off.
     cfg = {(d, sc): probes_off(load_config("mlp", f"depth={d},model.scan_layers={sc}"))
            for d in (10, 100) for sc in ("true", "false")}
@@ -426,16 +586,6 @@ def main(argv=None):
                       "d10": lambda: compile_seconds(cfg[(10, "false")], ds, 100)}, 1)
     add("compile", "compile depth 100 / depth 10, unrolled layers (time ratio)", "depth 100", res["d100"],
         "depth 10", res["d10"], lambda a, b: a / b, unit="s", note="one repetition")
-
-    host = dict(machine(), load_average_start=load_start, load_average_end=os.getloadavg())
-    result = {"machine": host, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "reps": reps, "quick": quick, "duration_s": time.time() - t_start,
-              "matmul_flops_per_s": matmul, "results": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    md = markdown(result)
-    (out / "results.md").write_text(md)
-    print(md)
-    return 0
 
 
 def _fmt(x):
@@ -459,11 +609,14 @@ def markdown(result) -> str:
     ]
     for r in result["results"]:
         def cell(s):
+            if "median" not in s:
+                return s["label"]
             rng = f" ({_fmt(s['min'])}-{_fmt(s['max'])})" if "min" in s else ""
             return f"{s['label']}: {_fmt(s['median'])}{rng}"
 
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['name']} | {cell(r['a'])} | {cell(r['b'])} | {r['unit']} | {r['ratio']:.3g} | "
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
+        lines.append(f"| {r['name']} | {cell(r['a'])} | {cell(r['b'])} | {r['unit']} | {ratio} | "
                      f"{r['goal'] or ''} | {met} |")
     notes = [f"- {r['name']}: {r['note']}" for r in result["results"] if r.get("note")]
     return "\n".join(lines + ["", "Notes:", ""] + notes) + "\n"

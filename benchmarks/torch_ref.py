@@ -2,6 +2,13 @@
 same layers (no bias before batch norm; batch norm momentum 0.01 = 1 - 0.99 in the
 framework's convention; eps 1e-5), batch size, optimizer and schedule. The CNN runs in
 channels_last memory format. Data live in memory as tensors; epoch-wise `randperm`.
+
+`Loop(..., compiled=True)` is the same model and step under `torch.compile` (inductor,
+default mode, static shapes): the forward pass with the loss (and so, through AOT
+autograd, its backward) is one compiled function and the optimizer step another, the
+usual recipe; the learning rate is then a tensor so that the cosine schedule does not
+recompile the optimizer step. Batch gathering, `zero_grad` and `backward()` are the same
+calls as in eager mode. Compilation happens on the first steps (`run(5)` warms up).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ def _cnn(channels, width, depth, out, size):
 class Loop:
     """`run(num_steps)` trains in place; `step()` is one optimizer step."""
 
-    def __init__(self, kind, config, x_nhwc: np.ndarray, y: np.ndarray, num_classes: int, threads=2, seed=0):
+    def __init__(self, kind, config, x_nhwc: np.ndarray, y: np.ndarray, num_classes: int, threads=2, seed=0,
+                 compiled: bool = False):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         m, o = config.model, config.optimizer
@@ -52,12 +60,25 @@ class Loop:
         self.y = torch.from_numpy(y.astype(np.int64))
         self.channels_last = kind != "mlp"
         self.model.train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.learning_rate,
+        self.compiled = compiled
+        lr = torch.tensor(float(o.learning_rate)) if compiled else o.learning_rate
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr,
                                    momentum=o.momentum if o.name == "momentum" else 0.0)
         self.peak, self.cosine, self.total = o.learning_rate, o.schedule == "cosine", config.train.num_steps
         self.b, self.n, self.t = config.train.batch_size, self.x.shape[0], 0
         self.per_epoch = self.n // self.b
         self.loss_fn = nn.CrossEntropyLoss()
+        self.forward_loss = self._forward_loss
+        self.opt_step = self.opt.step
+        if compiled:
+            self.forward_loss = torch.compile(self._forward_loss, dynamic=False)
+            self.opt_step = torch.compile(self._opt_step, dynamic=False)
+
+    def _forward_loss(self, xb, yb):
+        return self.loss_fn(self.model(xb), yb)
+
+    def _opt_step(self):
+        self.opt.step()
 
     def step(self):
         pos = self.t % self.per_epoch
@@ -69,12 +90,16 @@ class Loop:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if self.cosine:
             frac = min(self.t, self.total) / self.total
+            lr = 0.5 * self.peak * (1 + math.cos(math.pi * frac))
             for g in self.opt.param_groups:
-                g["lr"] = 0.5 * self.peak * (1 + math.cos(math.pi * frac))
+                if self.compiled:
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(xb), self.y[idx])
+        loss = self.forward_loss(xb, self.y[idx])
         loss.backward()
-        self.opt.step()
+        self.opt_step()
         self.t += 1
         return loss
 
