@@ -8,7 +8,8 @@ which were not measured to lose there. `kind()` says which set a process uses (r
 in summary.json as `kernels`); `BN_RESEARCH_KERNELS=xla` or `=cpu` overrides the choice.
 tests/test_kernels.py checks that both sets give the same values, gradients and vmaps.
 
-    conv_same(x, w)                 stride-1 'SAME' NHWC x HWIO convolution
+    conv_same(x, w)                 stride-1 'SAME' NHWC x HWIO convolution (CPU: see
+                                    `conv_same_cpu` for the per-shape choice, measured)
     max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
     epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
 
@@ -69,35 +70,105 @@ def max_pool_2x2_xla(h):
 # XLA:CPU rewrites
 
 
+# Convolutions with at most this many input channels run as kh*kw*cin broadcast
+# multiply-adds (`_conv_taps`, one fused elementwise loop) instead of XLA's convolution.
+TAPS_MAX_CIN = 3
+# Under vmap with per-replica kernels, up to this many replicas' convolutions are emitted
+# one after another in the program (unrolled); more run in a `lax.map` loop.
+UNROLL_MAX_REPLICAS = 16
+# Kernel gradients with at most this many input channels are one im2col matmul; more
+# channels, one matmul per kernel offset.
+DW_IM2COL_MAX_CIN = 3
+
+
+def _pad_same(x, kh, kw):
+    pad = [(0, 0)] * (x.ndim - 3) + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)]
+    return jnp.pad(x, pad)
+
+
+def _shifted(x, kh, kw):
+    """The kh*kw views x_pad[..., a:a+H, b:b+W, :] in row-major offset order."""
+    h, wd = x.shape[-3], x.shape[-2]
+    xp = _pad_same(x, kh, kw)
+    return [xp[..., a:a + h, b:b + wd, :] for a in range(kh) for b in range(kw)]
+
+
+def _conv_taps(x, w):
+    """y = sum_{a,b,c} x_pad[..., a:a+H, b:b+W, c] * w[a, b, c, :]: elementwise, for few
+    input channels, where XLA:CPU's convolution (and a matmul with K = kh*kw*cin) is slow."""
+    kh, kw, cin, _ = w.shape
+    y = None
+    for v, wk in zip(_shifted(x, kh, kw), w.reshape((kh * kw, cin) + w.shape[-1:]), strict=True):
+        for c in range(cin):
+            t = v[..., c:c + 1] * wk[c]
+            y = t if y is None else y + t
+    return y
+
+
+def _conv_plain(x, w):
+    if w.shape[2] <= TAPS_MAX_CIN:
+        return _conv_taps(x, w)
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @jax.custom_batching.custom_vmap
 def _conv_same(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _conv_plain(x, w)
 
 
 @_conv_same.def_vmap
 def _conv_same_vmap(axis_size, in_batched, x, w):
     """Under vmap (e.g. replicas): a batch of inputs with one kernel folds into the batch
-    axis; per-replica kernels run one convolution per replica (`lax.map`), because the
-    grouped convolution that vmap would otherwise emit is ~5x slower on XLA:CPU."""
+    axis; few input channels broadcast over the replica axis (`_conv_taps`); otherwise one
+    convolution per replica, emitted one after another (a `lax.map` loop beyond
+    UNROLL_MAX_REPLICAS), because the grouped convolution that vmap would otherwise emit
+    is ~5x slower on XLA:CPU, and a batched matmul (im2col) ~2x slower."""
     x_batched, w_batched = in_batched
     if not w_batched:
         n, b = x.shape[:2]
         return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
-    if x_batched:
-        return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
-    return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
+    if w.shape[3] <= TAPS_MAX_CIN:
+        return jax.vmap(_conv_taps, in_axes=(0 if x_batched else None, 0))(x, w), True
+    if axis_size > UNROLL_MAX_REPLICAS:
+        if x_batched:
+            return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
+        return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
+    return jnp.stack([_conv_same(x[i] if x_batched else x, w[i]) for i in range(axis_size)]), True
 
 
 @jax.custom_vjp
 def conv_same_cpu(x, w):
     """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes).
 
-    Same forward as `lax.conv_general_dilated`; the gradients are written out so that
-    XLA:CPU runs them fast inside a loop (`lax.scan` over training steps), where it lowers
-    the autodiff gradient convolutions (reversed kernel, batch-as-feature layouts) 10-40x
-    slower than outside one: the input gradient is the forward convolution of dy with the
-    flipped, in/out-swapped kernel, the kernel gradient one matmul per kernel offset,
-    dW[a, b] = sum_{n,h,w} x_pad[n, h+a, w+b]^T dy[n, h, w].
+    Forward: XLA's convolution, except for at most TAPS_MAX_CIN input channels (the
+    CNN's first layer on grey or RGB images), where it is kh*kw*cin broadcast
+    multiply-adds fused into one elementwise loop (`_conv_taps`; 28x28, 1 -> 16 channels,
+    batch 64: ~0.3 ms instead of ~2 ms). The gradients are written out so that XLA:CPU
+    runs them fast inside a loop (`lax.scan` over training steps), where it lowers the
+    autodiff gradient convolutions (reversed kernel, batch-as-feature layouts) 10-40x
+    slower than outside one (measured again: the CNN step 0.05x with autodiff's kernel
+    gradient): the input gradient is the forward convolution of dy with the flipped,
+    in/out-swapped kernel, the kernel gradient one matmul per kernel offset,
+    dW[a, b] = sum_{n,h,w} x_pad[n, h+a, w+b]^T dy[n, h, w] (one im2col matmul for at
+    most DW_IM2COL_MAX_CIN input channels).
+
+    Measured on the CNN of configs/cnn.py (batch 64, probes off, K=10 steps per chunk,
+    7 interleaved repetitions in one process, 2 shared cores at load average ~4.4;
+    `benchmarks/conv_kernels.py`), against the previous version (XLA's forward for every
+    layer, per-offset kernel gradient everywhere, replicas' convolutions in `lax.map`):
+    the step 1.09x faster (15.6 -> 17.1 steps/s; the unrolled vmap alone 1.01x, plus the
+    im2col kernel gradient 1.04x); 8 vmapped replicas 1.12x faster, 0.84 -> 0.89 of the
+    throughput of the same 8 replicas run one after another.
+
+    Tried and slower on these shapes (16-32 channels, 28x28 and 14x14), so not used:
+    im2col forward / input gradient ([B*H*W, 9*Cin] patches, one matmul; 1.3-2x slower
+    than XLA's convolution, which XLA:CPU runs through YNNPACK at 14x14 and Eigen at
+    28x28: the 9x patch matrix is memory-bound), the per-offset sum of 9 matmuls (2-3x
+    slower), im2col kernel gradient for many channels (step 0.89x) or per-offset row
+    ranges of the flattened padded images (0.84x; XLA copies each slice either way), and
+    under vmap a batched (replica-axis) matmul or XLA's grouped convolution (2-5x slower
+    than one convolution per replica). XLA_FLAGS --xla_cpu_use_onednn / _use_xnnpack did
+    not speed the convolution up either.
     """
     return _conv_same(x, w)
 
@@ -109,13 +180,13 @@ def _conv_same_fwd(x, w):
 def _conv_same_bwd(res, dy):
     x, w = res
     kh, kw, cin, cout = w.shape
-    h, wd = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     dy2 = dy.reshape(-1, cout)
-    dw = jnp.stack([
-        jnp.dot(xp[:, a:a + h, b:b + wd, :].reshape(-1, cin).T, dy2)
-        for a in range(kh) for b in range(kw)
-    ]).reshape(w.shape)
+    views = _shifted(x, kh, kw)
+    if cin <= DW_IM2COL_MAX_CIN:
+        # few input channels: one matmul [kh*kw*cin, B*H*W] x [B*H*W, cout] (im2col)
+        dw = jnp.dot(jnp.concatenate(views, -1).reshape(-1, kh * kw * cin).T, dy2).reshape(w.shape)
+    else:
+        dw = jnp.stack([jnp.dot(v.reshape(-1, cin).T, dy2) for v in views]).reshape(w.shape)
     # dx = dy (*) flip(W)^T: a forward convolution with a plain HWIO kernel.
     dx = _conv_same(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
     return dx, dw

@@ -1,6 +1,6 @@
 """The XLA:CPU rewrites in bn_research/kernels.py equal XLA's own operations: values,
 gradients (the hand-written VJPs against autodiff of the XLA op) and vmap rules (against
-a loop), so the backend choice changes speed only."""
+XLA's own vmap of its operation), so the backend choice changes speed only."""
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,19 @@ def _xw(key, b=3, h=7, w=6, cin=4, cout=5, k=3):
     return jax.random.normal(kx, (b, h, w, cin)), jax.random.normal(kw, (k, k, cin, cout))
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_conv_values_and_gradients_match_xla(k):
-    x, w = _xw(jax.random.key(k), k=k)
+# (batch, height, width, cin, cout, kernel): few input channels take the elementwise
+# forward (`_conv_taps`) and the im2col kernel gradient; more, XLA's convolution and one
+# matmul per offset. Odd and non-square images, 1x1, 3x3 and 5x5 kernels.
+CONV_SHAPES = [
+    (3, 7, 6, 1, 5, 3), (2, 5, 7, 2, 3, 3), (3, 7, 6, 4, 5, 3), (2, 6, 6, 16, 8, 3),
+    (3, 7, 6, 4, 5, 1), (3, 7, 6, 1, 5, 1), (3, 7, 6, 4, 5, 5), (2, 5, 9, 3, 4, 5),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_values_and_gradients_match_xla(shape):
+    b, h, w, cin, cout, k = shape
+    x, w = _xw(jax.random.key(sum(shape)), b, h, w, cin, cout, k)
     np.testing.assert_allclose(kernels.conv_same_cpu(x, w), kernels.conv_same_xla(x, w), rtol=1e-5, atol=1e-5)
     dy = jax.random.normal(jax.random.key(9), kernels.conv_same_xla(x, w).shape)
 
@@ -30,22 +40,38 @@ def test_conv_values_and_gradients_match_xla(k):
     np.testing.assert_allclose(gw_cpu, gw_xla, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "lax_map"])
+@pytest.mark.parametrize("shape", [(3, 7, 6, 4, 5, 3), (2, 5, 7, 1, 3, 3), (2, 5, 7, 4, 3, 5), (2, 5, 7, 3, 2, 1)])
 @pytest.mark.parametrize("batched", [(True, False), (True, True), (False, True)])
-def test_conv_vmap_rule_matches_a_loop(batched):
+def test_conv_vmap_rule_matches_xla_vmap(batched, shape, unroll, monkeypatch):
+    """The custom vmap rule (replicas fold into the batch, broadcast through the elementwise
+    form, or run one convolution each: unrolled, or in a lax.map loop) against XLA's own
+    vmap of its convolution, values and gradients under vmap."""
+    if not unroll:
+        monkeypatch.setattr(kernels, "UNROLL_MAX_REPLICAS", 0)
+    b, h, w, cin, cout, k = shape
     n = 3
-    xs, ws = zip(*[_xw(jax.random.key(i)) for i in range(n)], strict=True)
+    xs, ws = zip(*[_xw(jax.random.key(i), b, h, w, cin, cout, k) for i in range(n)], strict=True)
     x_in = jnp.stack(xs) if batched[0] else xs[0]
     w_in = jnp.stack(ws) if batched[1] else ws[0]
     axes = tuple(0 if b else None for b in batched)
     out = jax.vmap(kernels.conv_same_cpu, in_axes=axes)(x_in, w_in)
-    ref = jnp.stack([kernels.conv_same_xla(xs[i] if batched[0] else xs[0], ws[i] if batched[1] else ws[0])
-                     for i in range(n)])
+    ref = jax.vmap(kernels.conv_same_xla, in_axes=axes)(x_in, w_in)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # and its gradient under vmap (replicas differentiate through it)
     g = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_cpu(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
     g_ref = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_xla(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_conv_vmap_of_vmap_matches_xla():
+    """Nested vmap (e.g. replicas of a per-example map): the rule applies level by level."""
+    xs = jax.random.normal(jax.random.key(0), (2, 3, 2, 5, 6, 4))
+    ws = jax.random.normal(jax.random.key(1), (2, 3, 3, 3, 4, 5))
+    f = jax.vmap(jax.vmap(kernels.conv_same_cpu, in_axes=(0, 0)), in_axes=(0, 0))
+    f_ref = jax.vmap(jax.vmap(kernels.conv_same_xla, in_axes=(0, 0)), in_axes=(0, 0))
+    np.testing.assert_allclose(f(xs, ws), f_ref(xs, ws), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 3)])
