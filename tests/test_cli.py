@@ -103,7 +103,8 @@ def test_help_lists_commands_and_points_to_config_keys(capsys):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", ["--config", "--workdir", "--overwrite", "--config.<key>=<value>"]),
+    ("train", ["--config", "--workdir", "--overwrite", "--coordinator_address", "--num_processes", "--process_id",
+               "--distributed", "--config.<key>=<value>"]),
     ("sweep", ["--config", "--workdir", "--sweep", "--overwrite", "--config.<key>=<value>"]),
     ("compare", ["--plot", "--metric", "--columns"]),
 ])

@@ -23,6 +23,7 @@ def _config(name="mlp", norm="batch", activation="tanh", depth=3, width=8, **nor
     config.model.depth = depth
     config.model.width = width
     config.norm.num_groups = 4
+    config.model.scan_layers = False  # these tests read the unrolled layers (model.layers[name])
     for key, value in norm_opts.items():
         config.norm[key] = value
     return config

@@ -18,6 +18,7 @@ ALL = tuple(probes.PROBES)
 
 def small(norm="batch", **over):
     config = tiny(load_config("mlp", f"norm={norm},width=16"))
+    config.model.scan_layers = False  # tests here read the unrolled layers' parameters (scanned: test_scan_probes)
     for key, v in over.items():
         node = config
         *parents, leaf = key.split(".")
@@ -232,6 +233,7 @@ def test_growth_rate_on_scaled_orthogonal_linear_net():
     a, depth, width, d_in = 0.3, 6, 16, 12
     extra = {0: 3.0, depth - 1: 0.5}
     config = load_config("deep_linear", f"depth={depth},width={width}")
+    config.model.scan_layers = False  # sets each layer's kernel by name
     model = models.build(config, (d_in,), 5, seed=0)
     rng = np.random.default_rng(1)
     for i, name in enumerate(model.layer_names()):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bn_research import step, train
+from bn_research.probes import common
 from tests.conftest import ROOT, load_config
 
 
@@ -23,7 +24,7 @@ def test_paper_dln_is_25_square_layers_trained_full_batch():
     config = load_config("deep_linear", "paper,norm=none")
     s = train.setup(config)
     params = s["state"]["params"]
-    kernels = [np.asarray(params["layers"][n]["linear"]["kernel"].value) for n in params["layers"]]
+    kernels = [np.asarray(common.layer(params, n)["linear"]["kernel"].value) for n in common.layer_names(params)]
     kernels.append(np.asarray(params["head"]["kernel"].value))
     assert len(kernels) == 25 and all(k.shape == (10, 10) for k in kernels)
     assert s["data"]["train"]["x"].shape == (1000, 10) and config.train.batch_size == 1000
