@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.norm = "batch"  # none | batch | noisy_batch | noisy_none | weight | layer | group
     c.model.residual = False  # mlp: h <- h + f(h) for hidden layers after the first
     c.model.init_scale = 1.0  # weight init std = init_scale / sqrt(fan_in)
-    c.model.scan_layers = True  # mlp, depth >= 3: lax.scan over hidden layers 1..depth-1 (flat compile time)
+    c.model.scan_layers = True  # mlp: lax.scan over hidden layers 1..depth-1 (flat compile time in depth)
+    c.model.scan_min_depth = 6  # scan_layers applies from this depth on (>= 3); shallower stacks are unrolled
 
     c.norm = norms.default_config()
 

@@ -115,7 +115,8 @@ def build(config, dataset=None):
     """
     configs = expand(config)
     ds = dataset if dataset is not None else data.load(config.dataset)
-    setups = [train.setup(c, ds, single_device=True) for c in configs]  # replicas: one device
+    # replicas: one device; one architecture, so the first replica's probe layout serves all
+    setups = [train.setup(c, ds, single_device=True, layout=i == 0) for i, c in enumerate(configs)]
     graphdef = setups[0]["graphdef"]
     for s in setups[1:]:
         if s["graphdef"] != graphdef:

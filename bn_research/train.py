@@ -69,7 +69,7 @@ def _streamed(config, builder):
     return ds, stream.Stream(config.dataset, batch_size=b, seed=seed, builder=builder)
 
 
-def setup(config, dataset=None, *, single_device: bool = False):
+def setup(config, dataset=None, *, single_device: bool = False, layout: bool = True):
     """Dataset, model, optimizer and the pure step functions for `config`, placed on the
     mesh of `config.mesh` (bn_research.mesh), or on one device with `single_device`.
 
@@ -80,7 +80,9 @@ def setup(config, dataset=None, *, single_device: bool = False):
     Returns a dict with `dataset`, `model`, `graphdef`, `state`, `tx`, `fns`, `data`
     (device-resident train/test arrays; `train` is None when streaming), `pipeline`,
     `stream` (the Stream, or None), `num_train`, `mesh` and `probe_layout` (how the probes'
-    packed outputs unpack, for `probes.Recorder`). Usable from notebooks and benchmarks.
+    packed outputs unpack, for `probes.Recorder`; traced once more, so None without
+    `layout`: vectorized replicas share their first replica's). Usable from notebooks and
+    benchmarks.
     """
     src, pipeline = None, "device"
     if dataset is not None:
@@ -131,7 +133,8 @@ def setup(config, dataset=None, *, single_device: bool = False):
         lambda a: jax.ShapeDtypeStruct((int(config.train.batch_size),) + a.shape[1:], a.dtype), ds.train)
     return {"dataset": ds, "model": model, "graphdef": graphdef, "state": state, "tx": tx,
             "fns": fns, "data": device_data, "mesh": m, "pipeline": pipeline, "stream": src,
-            "num_train": num_train, "batch_shapes": batch, "probe_layout": fns.probe_layout(state, batch)}
+            "num_train": num_train, "batch_shapes": batch,
+            "probe_layout": fns.probe_layout(state, batch) if layout else None}
 
 
 def chunk_input(s, start: int, n: int):

@@ -86,9 +86,11 @@ def test_train_and_evaluate_refuses_a_replica_config(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-REPLICA_RUN = ["--config=configs/mlp.py:norm=noisy_batch,width=32", "--config.replicas.seeds=(0, 1)",
-               "--config.train.num_steps=600", "--config.train.log_every=40", "--config.train.eval_every=200",
-               "--config.train.checkpoint_every=100", "--config.train.keep_checkpoints=2"]
+REPLICA_ARG = "norm=noisy_batch,width=16"
+REPLICA_KEYS = {"train.num_steps": 400, "train.log_every": 40, "train.eval_every": 200,
+                "train.checkpoint_every": 100, "train.keep_checkpoints": 2}
+REPLICA_RUN = [f"--config=configs/mlp.py:{REPLICA_ARG}", "--config.replicas.seeds=(0, 1)",
+               *[f"--config.{k}={v}" for k, v in REPLICA_KEYS.items()]]
 
 
 def _start_replicas(workdir):
@@ -110,9 +112,10 @@ def test_killed_replicas_resume_exactly(tmp_path):
     import time
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    p = _start_replicas(ref)
-    assert p.wait(timeout=600) == 0, p.stderr.read()
+    config = load_config("mlp", REPLICA_ARG)  # the reference in-process: the same program as the CLI's
+    config.update_from_flattened_dict(dict(REPLICA_KEYS, **{"replicas.seeds": (0, 1)}))
     names = ["seed0_lr0.5", "seed1_lr0.5"]
+    replicas.train_replicas(config, [ref / n for n in names])
     p = _start_replicas(run)
     deadline = time.time() + 300
     while not all((run / n / "checkpoints" / "200").is_dir() for n in names):

@@ -67,9 +67,11 @@ def test_scan_layers_matches_unrolled(arg):
 
     config = load_config("mlp", arg)
     shape, x = (28, 28, 1), jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
+    config.model.scan_layers = False
     plain = models.build(config, shape, 10, seed=4)
-    config.model.scan_layers = True
+    config.model.scan_layers, config.model.scan_min_depth = True, 3
     scanned = models.build(config, shape, 10, seed=4)
+    assert scanned.scan_layers and not plain.scan_layers
     assert scanned.layer_names() == plain.layer_names()
     rng = jax.random.key(7)
 

@@ -119,7 +119,10 @@ class MLP(nnx.Module):
         # Depth order, kept explicitly: nnx.merge rebuilds the Dict in sorted key order
         # (dense_0, dense_1, dense_10, ...), which is not the order of the layers.
         self.names = tuple(layers)
-        self.scan_layers = bool(cfg.get("scan_layers", False)) and cfg.depth >= 3
+        # Shallow stacks compile faster unrolled (depth 3, default probes: 2.45 s unrolled,
+        # 2.9 s scanned); deep ones much faster scanned (depth 10: 6.5 s against 4.4 s).
+        min_depth = max(3, int(cfg.get("scan_min_depth", 3)))
+        self.scan_layers = bool(cfg.get("scan_layers", False)) and cfg.depth >= min_depth
         if self.scan_layers:
             # Hidden layers 1..depth-1 share one shape: their variables are stacked along a
             # leading layer axis in `stack` and applied by lax.scan, so compile time does not
