@@ -69,6 +69,17 @@ def _streamed(config, builder):
     return ds, stream.Stream(config.dataset, batch_size=b, seed=seed, builder=builder)
 
 
+def _fits(config, ds) -> bool:
+    """True when the cached arrays `ds` (or None) are what the device pipeline would load."""
+    if ds is None:
+        return False
+    x, y = ds.train["x"], ds.train["y"]
+    info = data.DatasetInfo(name=ds.name, task=ds.task, num_classes=ds.num_classes, input_shape=ds.input_shape,
+                            output_dim=ds.output_dim, num_train=x.shape[0], num_test=ds.test["x"].shape[0],
+                            target_shape=tuple(y.shape[1:]))
+    return data.choose_pipeline(config.dataset, info) == "device"
+
+
 def setup(config, dataset=None, *, single_device: bool = False, layout: bool = True):
     """Dataset, model, optimizer and the pure step functions for `config`, placed on the
     mesh of `config.mesh` (bn_research.mesh), or on one device with `single_device`.
@@ -85,8 +96,12 @@ def setup(config, dataset=None, *, single_device: bool = False, layout: bool = T
     benchmarks.
     """
     src, pipeline = None, "device"
+    cached = None if dataset is not None or config.dataset.get("pipeline", "auto") == "stream" else \
+        data.load_cached(config.dataset)
     if dataset is not None:
         ds, num_train = dataset, dataset.train["x"].shape[0]
+    elif _fits(config, cached):  # read through tfds by an earlier run: no TensorFlow import
+        ds, num_train = cached, cached.train["x"].shape[0]
     else:
         builder = data.prepared_builder(config.dataset)
         try:

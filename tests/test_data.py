@@ -175,3 +175,25 @@ def test_data_dir_default(monkeypatch, tmp_path):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     assert data.data_dir("") == str(tmp_path)
     assert data.data_dir("/x/y") == "/x/y"
+
+
+def test_embedded_arrays_are_cached_and_read_back_without_tensorflow(tmp_path):
+    """After one read through tfds, `load_cached` gives the same Dataset from the cached
+    arrays in a process that never imports TensorFlow; other generator parameters get their
+    own file, and a damaged file is ignored (read through tfds again)."""
+    cfg = {"name": "gaussian_regression", "data_dir": str(tmp_path), "num_train": 64, "num_test": 32}
+    assert data.load_cached(cfg) is None
+    ds = data.load(cfg)
+    code = ("import sys, json; from bn_research import data; "
+            f"ds = data.load_cached({cfg!r}); "
+            "print(json.dumps([ds.task, ds.num_classes, ds.output_dim, ds.train['x'].tolist(), ds.test['y'].tolist(), "
+            "'tensorflow' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    task, num_classes, output_dim, train_x, test_y, tf_imported = __import__("json").loads(out)
+    assert (task, num_classes, output_dim, tf_imported) == ("regression", None, ds.output_dim, False)
+    np.testing.assert_array_equal(np.asarray(train_x, np.float32), ds.train["x"])
+    np.testing.assert_array_equal(np.asarray(test_y, np.float32), ds.test["y"])
+    assert data.load_cached(dict(cfg, num_train=128)) is None  # other parameters: not these arrays
+    path = pathlib.Path(data._arrays_path(cfg))
+    path.write_bytes(b"garbage")
+    assert data.load_cached(cfg) is None

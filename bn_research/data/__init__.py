@@ -104,6 +104,60 @@ def check_name(name: str) -> None:
     )
 
 
+# Bump when an embedded builder's output changes: cached arrays of older builds are ignored.
+ARRAYS_VERSION = 1
+
+
+def _arrays_path(cfg) -> str | None:
+    """Where `load` keeps the arrays of an embedded dataset it has read through tfds once
+    (None for catalog datasets, which always go through tfds). The file name is a hash of
+    everything the arrays depend on: the name, the generator's parameters and ARRAYS_VERSION."""
+    import hashlib
+    import json
+
+    name = _get(cfg, "name", "")
+    if name not in EMBEDDED:
+        return None
+    params = {k: _get(cfg, k, v) for k, v in _GAUSSIAN_DEFAULTS.items()} if name == "gaussian_regression" else {}
+    key = json.dumps({"name": name, "params": params, "version": ARRAYS_VERSION}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(data_dir(_get(cfg, "data_dir", "") or ""), "bn_research_arrays", f"{name}-{digest}.npz")
+
+
+def load_cached(cfg) -> Dataset | None:
+    """The Dataset of an embedded dataset from the arrays `load` cached, without importing
+    TensorFlow (it costs about 3 s per process); None when there is no cache."""
+    path = _arrays_path(cfg)
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = {k: arrays.pop(k).item() for k in ("task", "num_classes", "output_dim")}
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: read through tfds again (and rewrite it)
+    num_classes = None if int(meta["num_classes"]) < 0 else int(meta["num_classes"])
+    train = {"x": arrays["train_x"], "y": arrays["train_y"]}
+    return Dataset(name=_get(cfg, "name", ""), task=str(meta["task"]), train=train,
+                   test={"x": arrays["test_x"], "y": arrays["test_y"]}, num_classes=num_classes,
+                   input_shape=tuple(int(d) for d in train["x"].shape[1:]), output_dim=int(meta["output_dim"]))
+
+
+def _cache_arrays(cfg, ds: Dataset) -> None:
+    path = _arrays_path(cfg)
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, train_x=ds.train["x"], train_y=ds.train["y"], test_x=ds.test["x"], test_y=ds.test["y"],
+                 task=np.asarray(ds.task), num_classes=np.asarray(-1 if ds.num_classes is None else ds.num_classes),
+                 output_dim=np.asarray(ds.output_dim))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:
+        pass  # a read-only data dir: no cache, nothing lost
+
+
 def load(cfg, builder=None) -> Dataset:
     """Builds (once, cached in the data dir) and loads the dataset `cfg.name`.
 
@@ -112,7 +166,9 @@ def load(cfg, builder=None) -> Dataset:
     num_train, num_test, noise_std, seed` (defaults when absent). `builder`: its
     `prepared_builder`, when the caller has it already.
     """
-    return _to_dataset(_get(cfg, "name", ""), builder if builder is not None else prepared_builder(cfg))
+    ds = _to_dataset(_get(cfg, "name", ""), builder if builder is not None else prepared_builder(cfg))
+    _cache_arrays(cfg, ds)
+    return ds
 
 
 def load_test(cfg, builder=None) -> dict[str, np.ndarray]:
