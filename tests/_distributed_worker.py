@@ -111,5 +111,6 @@ def train_run(out, name):
     (Path(out) / f"{name}_{jax.process_index()}.json").write_text(json.dumps(summary))
 
 
-if __name__ == "__main__":
-    (train_run if sys.argv[2].startswith("train") else main)(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # one launch serves both: the step functions, then the whole trainer
+    main(sys.argv[1], sys.argv[2])
+    train_run(sys.argv[1], f"train_{sys.argv[2]}")

@@ -39,17 +39,20 @@ def _start(out, name, **extra):
                             text=True)
 
 
-def _run_two_and_one(out, name, timeout):
-    """Worker `name` as two processes joined on 127.0.0.1 and as one process alone (no
-    BN_RESEARCH_* and no cluster: it stays single-process); their stderr, in that order."""
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The worker as two processes joined on 127.0.0.1 and as one process alone (no
+    BN_RESEARCH_* and no cluster: it stays single-process); (out dir, stderr in that order).
+    Each process runs the step functions, then `train.train_and_evaluate`."""
+    out = tmp_path_factory.mktemp("distributed")
     address = f"127.0.0.1:{_free_port()}"
-    procs = [_start(out, f"{name}_two" if name else "two", BN_RESEARCH_COORDINATOR_ADDRESS=address,
-                    BN_RESEARCH_NUM_PROCESSES="2", BN_RESEARCH_PROCESS_ID=str(i)) for i in range(2)]
-    procs.append(_start(out, f"{name}_one" if name else "one"))
+    procs = [_start(out, "two", BN_RESEARCH_COORDINATOR_ADDRESS=address, BN_RESEARCH_NUM_PROCESSES="2",
+                    BN_RESEARCH_PROCESS_ID=str(i)) for i in range(2)]
+    procs.append(_start(out, "one"))
     errs = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=timeout)
+            _, err = p.communicate(timeout=3 * TIMEOUT_S)
             assert p.returncode == 0, err[-3000:]
             errs.append(err)
     finally:
@@ -57,13 +60,12 @@ def _run_two_and_one(out, name, timeout):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    return errs
+    return out, errs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed")
-    _run_two_and_one(out, "", TIMEOUT_S)
+def runs(launched):
+    out, _ = launched
     return {"two": [json.loads((out / f"two_{i}.json").read_text()) for i in range(2)],
             "one": json.loads((out / "one_0.json").read_text()), "out": out}
 
@@ -128,10 +130,9 @@ def test_settings_come_from_arguments_then_environment(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(launched):
     """`train.train_and_evaluate` in two processes on one shared workdir, and in one."""
-    out = tmp_path_factory.mktemp("distributed_train")
-    errs = _run_two_and_one(out, "train", 3 * TIMEOUT_S)
+    out, errs = launched
     return {"two": [json.loads((out / f"train_two_{i}.json").read_text()) for i in range(2)],
             "one": json.loads((out / "train_one_0.json").read_text()), "out": out, "stderr": errs}
 
