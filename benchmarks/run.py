@@ -115,6 +115,19 @@ def timed_rate(fn, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
+def chunks_rate(chunk, holder: dict, key: str, data, k: int, n_chunks: int) -> float:
+    """steps/s of `n_chunks` jitted chunks of `k` steps from the state `holder[key]`
+    (donated, so the state after them is kept there for the next repetition)."""
+    def go():
+        st = holder[key]
+        for _ in range(n_chunks):
+            st, m = chunk(st, data, k)
+        jax.block_until_ready(m)
+        holder[key] = st
+
+    return timed_rate(go, n_chunks * k)
+
+
 # ---------------------------------------------------------------------------------------
 # Variants
 
@@ -211,14 +224,7 @@ def limit_variants(config, dataset, steps, k):
     n_chunks = max(1, steps // k)
 
     def step():
-        def go():
-            st = holder["st"]
-            for _ in range(n_chunks):
-                st, m = chunk(st, d, k)
-            jax.block_until_ready(m)
-            holder["st"] = st
-
-        return timed_rate(go, n_chunks * k)
+        return chunks_rate(chunk, holder, "st", d, k, n_chunks)
 
     def ops_alone():
         def go():
@@ -267,14 +273,7 @@ def dispatch_variants(config, dataset, steps, k):
     n_chunks = max(1, steps // k)  # at least one whole chunk, also for `--quick` step counts below k
 
     def scanned():
-        def go():
-            st = holder["a"]
-            for _ in range(n_chunks):
-                st, m = chunk(st, d, k)
-            jax.block_until_ready(m)
-            holder["a"] = st
-
-        return timed_rate(go, n_chunks * k)
+        return chunks_rate(chunk, holder, "a", d, k, n_chunks)
 
     def single():
         def go():
