@@ -271,15 +271,16 @@ class MetricsWriter:
     def __init__(self, workdir: Path, config_dict: dict | None = None, layer_names=()):
         from bn_research import tensorboard_log
 
-        self._file = open(workdir / METRICS, "a")  # noqa: SIM115
+        # unbuffered: each row is one write() call, so a reader tailing the file (or a crash)
+        # never sees a row split at a buffer boundary (rows with many layers exceed 8 KiB)
+        self._file = open(workdir / METRICS, "ab", buffering=0)  # noqa: SIM115
         self._tb = tensorboard_log.EventWriter(workdir, config_dict, layer_names)
 
     def write(self, step: int, scalars: dict) -> None:
         """One row of scalars {key: value}."""
         row = {"step": int(step)}
         row.update({k: float(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(_jsonable(row)) + "\n")
-        self._file.flush()
+        self._file.write((json.dumps(_jsonable(row)) + "\n").encode())
         self._tb.write(step, scalars)
 
     def histograms(self, step: int, units: dict) -> None:
@@ -293,7 +294,6 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Flush both logs to disk (before a checkpoint commits, so it never runs ahead)."""
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._tb.flush()
 

@@ -17,8 +17,10 @@ ARGS = ["--config=configs/mlp.py:norm=batch,width=16", "--config.train.num_steps
 
 
 def _steps(workdir):
+    """Steps of the complete rows so far (the holder may be mid-write of the last one)."""
     path = workdir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def test_second_writer_is_refused_and_crash_leaves_no_stale_lock(tmp_path, capsys):
