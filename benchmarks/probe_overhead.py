@@ -8,12 +8,14 @@ for each variant, interleaved A/B/C/A/B/C... over repetitions, and reports the m
 chunk time of each variant divided by the median of `off`:
 
     off          every probe disabled
-    drift_every  drift every step (training batch and fixed probe batch), others off
+    drift_every  drift every step (its moments on the training batch; percentiles and the
+                 probe batch at their default cadence, train.log_every), others off
     defaults     drift, growth, weights at their default cadence (train.log_every)
     all_default  every probe on (ics and landscape too) at the default cadence
 
 Prints a table and writes benchmarks/probe_overhead.json. Not a test: the numbers depend
-on the machine. Goal (issue 3): drift_every <= 1.10, all_default <= 1.25.
+on the machine. Goals: defaults <= 1.05, drift_every <= 1.25. `benchmarks/run.py`
+(section `probes`) times the same variants next to the other comparisons.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def bench_model(model: str, reps: int) -> dict:
         chunk_fn, _ = step.jit_fns(s["fns"])
         k = train.chunk_length(config)
         state = s["state"]
-        state, m = chunk_fn(state, s["data"]["train"], k)  # compile + warm up
+        state, m = chunk_fn(state, s["data"]["train"], k)  # compile + warm up (chunks start at multiples of k: phase 0)
         jax.block_until_ready((state, m))
         runners[v] = {"fn": chunk_fn, "state": state, "data": s["data"]["train"], "k": k, "times": []}
     for _ in range(reps):

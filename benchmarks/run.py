@@ -11,6 +11,9 @@ throughput. Writes `benchmarks/results.json` (with the machine and versions) and
 - framework vs a PyTorch eager loop of the same model (`torch_ref.py`; CNN channels_last),
   and vs the same PyTorch model and step under `torch.compile` (inductor; compilation in
   the warm-up, not timed), in the same interleaved repetitions: both ratios side by side;
+- probe overhead: the jitted chunk (the config's steps per dispatch) with the default
+  probes, with drift every step, and with every probe at its default cadence, each over
+  the same chunk with every probe off (`probe_overhead.py`'s variants);
 - K steps per dispatch (`lax.scan`) vs one step per dispatch;
 - N=8 replicas under `jax.vmap` (`bn_research.replicas`) vs 8 sequential runs;
 - compile time of a depth-200 vs a depth-10 MLP with the default settings (and unrolled, depth 100 vs 10);
@@ -22,7 +25,7 @@ throughput. Writes `benchmarks/results.json` (with the machine and versions) and
   than its matrix multiplications and convolutions.
 
 Options: `--reps N` (default 3), `--quick` (fewer steps; for a smoke test), `--out DIR`,
-`--only SECTIONS` (comma-separated subset of: loop, torch, dispatch, replicas, flops,
+`--only SECTIONS` (comma-separated subset of: loop, torch, probes, dispatch, replicas, flops,
 limit, compile; `flops` brings in `dispatch` and `replicas`, whose rates it uses).
 PyTorch is optional (`pip install -e '.[bench]'`); without it, or when `torch.compile`
 does not work here, those rows say `unavailable (<reason>)` instead of a number.
@@ -55,7 +58,7 @@ import op_limit  # noqa: E402
 
 from bn_research import data, kernels, replicas, train  # noqa: E402
 
-SECTIONS = ("loop", "torch", "dispatch", "replicas", "flops", "limit", "compile")
+SECTIONS = ("loop", "torch", "probes", "dispatch", "replicas", "flops", "limit", "compile")
 
 
 def load_config(name: str, arg: str | None = None):
@@ -288,6 +291,31 @@ def dispatch_variants(config, dataset, steps, k):
     return scanned, single, s
 
 
+PROBE_VARIANTS = {"defaults": ("default probes (drift, growth, weights)", "<= 1.05"),
+                  "drift_every": ("drift every step", "<= 1.25"),
+                  "all_default": ("every probe at its default cadence", None)}
+
+
+def probe_variants(kind, dataset, n_chunks, quick):
+    """{variant: timer} of one jitted chunk of the config's length (probe_overhead.py's
+    variants: probes off, default probes, drift every step, every probe), states kept."""
+    import probe_overhead
+
+    out, holder = {}, {}
+    for v in ("off", *PROBE_VARIANTS):
+        config = probe_overhead.variant_config(kind, v)
+        if quick:
+            config.train.steps_per_dispatch = 50
+        s = train.setup(config, dataset)
+        k = train.chunk_length(config)
+        chunk = jax.jit(s["fns"].train_chunk, static_argnums=(2, 3), donate_argnums=0)
+        d = s["data"]["train"]
+        holder[v] = chunk(s["state"], d, k)[0]
+        jax.block_until_ready(holder[v])
+        out[v] = lambda v=v, chunk=chunk, d=d, k=k: chunks_rate(chunk, holder, v, d, k, n_chunks)
+    return out, k
+
+
 def replica_variants(config, dataset, n, k):
     """Throughput (replica-steps/s) of n vmapped replicas vs the same n run one by one."""
     config = load_config_copy(config)
@@ -475,6 +503,9 @@ def main(argv=None):
             add(sec, f"{kind} framework loop / bare jitted step (time ratio)", "framework", res["framework"],
                 "bare step", res["bare"], lambda a, b: b / a, "<= 1.10",
                 note="framework: train_and_evaluate with the config's default logging, eval, probes, checkpoints")
+            add(sec, f"{kind} framework loop, default probes / probes off (time ratio)", "framework",
+                res["framework"], "framework (probes off)", res["framework_probes_off"], lambda a, b: b / a,
+                note="whole train_and_evaluate runs (eval and checkpoints in both); the probes section times chunks")
             add(sec, f"{kind} framework loop, probes off / bare jitted step (time ratio)", "framework (probes off)",
                 res["framework_probes_off"], "bare step", res["bare"], lambda a, b: b / a, "<= 1.10")
             if "bare_scan" in res:
@@ -514,6 +545,14 @@ def main(argv=None):
                         + "; inductor, default mode, static shapes; compilation in the warm-up, not timed")
                 else:
                     add_unavailable(sec, name_c, label, fw_res, compiled, torch_status["compile"])
+
+        if "probes" in only:
+            timers, pk = probe_variants(kind, ds, (2 if kind == "mlp" else 1), quick)
+            res = interleave(timers, reps)
+            for v, (label, goal) in PROBE_VARIANTS.items():
+                add(f"{kind}: probes", f"{kind} {label} / probes off (time ratio)", label, res[v], "probes off",
+                    res["off"], lambda a, b: b / a, goal,
+                    note=f"jitted chunks of {pk} steps (the config's steps per dispatch), batch norm, compile excluded")
 
         if "dispatch" in only:
             scanned, single, s = dispatch_variants(probes_off(load_config(kind)), ds, disp_n, k)

@@ -331,7 +331,8 @@ class Programs:
     chunk(state, start, n) -> (state, metrics of steps start+1 .. start+n, per-step axis [n]
         (after the replica axis))
     evaluate(state) -> metrics
-    compile(state, sizes) -> None: compile every chunk size and the evaluation ahead of time
+    compile(state, sizes, start) -> None: compile every chunk size (of a session from step
+        `start`) and the evaluation ahead of time
     part(host_tree, i) -> run i's part of a fetched tree (identity for one run)
     """
 
@@ -383,7 +384,7 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
                 sizes = chunk_sizes(start, num_steps, k)
                 try:
                     with bar.phase("compile", f"chunks of {', '.join(map(str, sizes))} steps, evaluation"):
-                        _interruptible(lambda: programs.compile(state, sizes), stop)
+                        _interruptible(lambda: programs.compile(state, sizes, start), stop)
                 except _CompileInterrupted:
                     for h in hosts:
                         h.summary["interrupted_during"] = "compile"  # the loop below does not start

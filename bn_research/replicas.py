@@ -109,7 +109,8 @@ def build(config, dataset=None):
 
     Returns a dict with `configs`, `setups` (one `train.setup` per replica), `state`
     (leading replica axis on every leaf but the shared `step`), `learning_rates` [N],
-    `chunk(state, lrs, train_data, K)` and `evaluate(params, batch_stats, test_data)`.
+    `chunk(state, lrs, train_data, K, phase)` (phase: `setups[0]["fns"].phase(start)`) and
+    `evaluate(params, batch_stats, test_data)`.
     The step counter stays unbatched, so cadence conditions (`lax.cond` on the step) stay
     real branches under vmap instead of becoming selects that run both sides.
     """
@@ -134,14 +135,14 @@ def build(config, dataset=None):
     state["step"] = jnp.copy(setups[0]["state"]["step"])  # a fresh buffer: the chunk donates it
     axes = {key: (None if key == "step" else 0) for key in state}
 
-    def chunk(state, lrs, train_data, num_steps):
-        one = lambda s, lr: fns_for(lr).train_chunk(s, train_data, num_steps)
+    def chunk(state, lrs, train_data, num_steps, phase=0):
+        one = lambda s, lr: fns_for(lr).train_chunk(s, train_data, num_steps, phase)
         return jax.vmap(one, in_axes=(axes, 0), out_axes=(axes, 0))(state, lrs)
 
     evaluate = jax.vmap(setups[0]["fns"].evaluate, in_axes=(0, 0, None))
     lrs = jnp.asarray([c.optimizer.learning_rate for c in configs], jnp.float32)
     return {"configs": configs, "setups": setups, "state": state, "learning_rates": lrs,
-            "data": setups[0]["data"], "chunk": jax.jit(chunk, static_argnums=3, donate_argnums=0),
+            "data": setups[0]["data"], "chunk": jax.jit(chunk, static_argnums=(3, 4), donate_argnums=0),
             "evaluate": jax.jit(evaluate)}
 
 
@@ -218,13 +219,15 @@ def _train(config, configs, workdirs, finished, overwrite, dataset, locks) -> li
             h.open(start, resumed=False)
     lrs, train_data, test_data = b["learning_rates"], b["data"]["train"], b["data"]["test"]
 
-    def compile_all(st, sizes):
+    phase = first["fns"].phase
+
+    def compile_all(st, sizes, at):
         for n in sizes:
-            b["chunk"].lower(st, lrs, train_data, n).compile()
+            b["chunk"].lower(st, lrs, train_data, n, phase(at)).compile()
         b["evaluate"].lower(st["params"], st["batch_stats"], test_data).compile()
 
     programs = loop.Programs(
-        chunk=lambda st, start, n: b["chunk"](st, lrs, train_data, n),
+        chunk=lambda st, start, n: b["chunk"](st, lrs, train_data, n, phase(start)),
         evaluate=lambda st: b["evaluate"](st["params"], st["batch_stats"], test_data),
         compile=compile_all, part=_part)
     summaries = loop.run(config, hosts, programs, state, start, bar, t0=t0, setup_s=setup_s)

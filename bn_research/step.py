@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -113,9 +114,15 @@ class StepFns:
     """Pure functions of one run, closed over its static graphdef and config."""
 
     train_step: Callable  # (state, data) -> (state, metrics); one step
-    train_chunk: Callable  # (state, data or streamed batches [K, B, ...], num_steps static) -> (state, metrics [K])
+    train_chunk: Callable  # (state, data or streamed batches [K, B, ...], num_steps, phase (static: start % period))
+    #                        -> (state, metrics [K])
     evaluate: Callable  # (params, batch_stats, data) -> metrics
     probe_layout: Callable  # (state, batch) -> {(probe, kind): [(key, size)]}, for probes.Recorder
+    probe_period: int = 0  # chunks starting at step s take phase = s % probe_period (0: none)
+
+    def phase(self, start: int) -> int:
+        """The static `phase` of `train_chunk` for a chunk starting at step `start`."""
+        return int(start) % self.probe_period if self.probe_period else 0
 
 
 def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: int,
@@ -158,12 +165,54 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
                "noise_key": noise_key, "loss_fn": loss_fn}
         return new_state, metrics, ctx
 
-    def step_on(state, batch, noise_key):
+    def step_on(state, batch, noise_key, periodic: bool = True):
         new_state, metrics, ctx = update(state, batch, noise_key)
         if probe_fn is not None:
-            probe_metrics, new_state["probes"] = probe_fn(ctx)
+            probe_metrics, new_state["probes"] = probe_fn(ctx, periodic)
             metrics.update(probe_metrics)
         return new_state, metrics
+
+    def run_chunk(state, batch_at, num_steps: int, phase: int):
+        """`num_steps` steps from `state`, `batch_at(carry, position)` the batch of each.
+
+        Without periodic probes: one scan of the step. With them, the probe steps (position
+        0 and every position whose row number is a multiple of the probes' period) run the
+        step with the periodic parts, each under its cadence's `lax.cond`, and the runs of
+        steps between them the plain step, in a `fori_loop` of their length: both are traced
+        once, and no step between probe steps pays for a conditional. `phase` must be the
+        start step modulo the period (the loop passes it; 0 for chunks starting at 0)."""
+        def one(carry, pos, periodic):
+            return step_on(carry, place(batch_at(carry, pos)), step_keys(carry)[1], periodic)
+
+        g = probe_fn.period if probe_fn is not None else 0
+        if g <= 1:  # every step runs every part that is on
+            return jax.lax.scan(lambda c, pos: one(c, pos, True), state, jnp.arange(num_steps))
+        marks = sorted({0} | {p for p in range(num_steps) if (phase + p + 1) % g == 0})
+        runs = [b - a - 1 for a, b in zip(marks, [*marks[1:], num_steps], strict=True)]
+        per_step = jax.eval_shape(lambda c: one(c, 0, False)[1], state)
+        buf = jax.tree_util.tree_map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), per_step)
+
+        def put(buf, metrics, pos):
+            return jax.tree_util.tree_map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, pos, 0),
+                                          buf, {k: metrics[k] for k in buf})
+
+        def segment(carry, mark):
+            st, buf = carry
+            pos, run = mark
+            st, m = one(st, pos, True)
+            buf = put(buf, m, pos)
+
+            def plain(i, c):
+                st, m = one(c[0], pos + 1 + i, False)
+                return st, put(c[1], m, pos + 1 + i)
+
+            st, buf = jax.lax.fori_loop(0, run, plain, (st, buf))
+            return (st, buf), {k: v for k, v in m.items() if k not in buf}
+
+        (state, buf), marked = jax.lax.scan(segment, (state, buf), (jnp.asarray(marks), jnp.asarray(runs)))
+        idx = np.asarray(marks)
+        spread = {k: jnp.zeros((num_steps,) + v.shape[1:], v.dtype).at[idx].set(v) for k, v in marked.items()}
+        return state, dict(buf, **spread)
 
     def probe_layout(state, batch) -> dict:
         """How the probes' packed outputs unpack (`ProbeFn.layout`), from the abstract
@@ -186,19 +235,15 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         data_key, noise_key = step_keys(state)
         return step_on(state, place(get_batch(data, state["step"], data_key, batch_size)), noise_key)
 
-    def train_chunk(state, data, num_steps: int):
+    def train_chunk(state, data, num_steps: int, phase: int = 0):
         batch = chunk_batches(data, state["step"], step_keys(state)[0], batch_size, num_steps)
+        return run_chunk(state, lambda carry, pos: batch(carry["step"]), num_steps, phase)
 
-        def body(carry, _):
-            return step_on(carry, place(batch(carry["step"])), step_keys(carry)[1])
+    def train_chunk_streamed(state, batches, num_steps: int, phase: int = 0):
+        def batch_at(carry, pos):
+            return jax.tree_util.tree_map(lambda b: jax.lax.dynamic_index_in_dim(b, pos, keepdims=False), batches)
 
-        return jax.lax.scan(body, state, None, length=num_steps)
-
-    def train_chunk_streamed(state, batches, num_steps: int):
-        def body(carry, batch):
-            return step_on(carry, place(batch), step_keys(carry)[1])
-
-        return jax.lax.scan(body, state, batches, length=num_steps)
+        return run_chunk(state, batch_at, num_steps, phase)
 
     if streaming:
         train_chunk = train_chunk_streamed
@@ -229,13 +274,13 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         return metrics
 
     return StepFns(train_step=train_step, train_chunk=train_chunk, evaluate=evaluate,
-                   probe_layout=probe_layout)
+                   probe_layout=probe_layout, probe_period=probe_fn.period if probe_fn is not None else 0)
 
 
 def jit_fns(fns: StepFns, out_sharding=None):
     """Jitted versions: the chunk donates the incoming state (argument 0). With a mesh,
     `out_sharding` (replicated) keeps the state and the metrics replicated across steps."""
     if out_sharding is None:
-        return jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0), jax.jit(fns.evaluate)
-    chunk = jax.jit(fns.train_chunk, static_argnums=2, donate_argnums=0, out_shardings=out_sharding)
+        return jax.jit(fns.train_chunk, static_argnums=(2, 3), donate_argnums=0), jax.jit(fns.evaluate)
+    chunk = jax.jit(fns.train_chunk, static_argnums=(2, 3), donate_argnums=0, out_shardings=out_sharding)
     return chunk, jax.jit(fns.evaluate, out_shardings=out_sharding)

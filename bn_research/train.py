@@ -169,12 +169,12 @@ def chunk_input(s, start: int, n: int):
     return stream.to_device(s["stream"].batches(start, n), sharding)
 
 
-def compile_programs(chunk_fn, eval_fn, s, state, sizes) -> None:
-    """Compile the chunk of each size in `sizes` and the evaluation of `setup(...)` = `s`
-    ahead of time (`.lower().compile()`; jit reuses the executables), so the timed loop
-    runs no compiler."""
+def compile_programs(chunk_fn, eval_fn, s, state, sizes, start: int = 0) -> None:
+    """Compile the chunk of each size in `sizes` (for a session from step `start`) and the
+    evaluation of `setup(...)` = `s` ahead of time (`.lower().compile()`; jit reuses the
+    executables), so the timed loop runs no compiler."""
     for n in sizes:
-        chunk_fn.lower(state, chunk_input(s, None, n), n).compile()
+        chunk_fn.lower(state, chunk_input(s, None, n), n, s["fns"].phase(start)).compile()
     eval_fn.lower(state["params"], state["batch_stats"], s["data"]["test"]).compile()
 
 
@@ -240,9 +240,9 @@ def _train(config, workdir: Path, config_dict: dict, *, overwrite: bool, dataset
     chunk_fn, eval_fn = step.jit_fns(s["fns"], mesh.replicated(s["mesh"]) if s["mesh"].size > 1 else None)
     test_data = s["data"]["test"]
     programs = loop.Programs(
-        chunk=lambda st, at, n: chunk_fn(st, chunk_input(s, at, n), n),
+        chunk=lambda st, at, n: chunk_fn(st, chunk_input(s, at, n), n, s["fns"].phase(at)),
         evaluate=lambda st: eval_fn(st["params"], st["batch_stats"], test_data),
-        compile=lambda st, sizes: compile_programs(chunk_fn, eval_fn, s, st, sizes),
+        compile=lambda st, sizes, at: compile_programs(chunk_fn, eval_fn, s, st, sizes, at),
     )
     try:
         return loop.run(config, [host], programs, state, start, bar, t0=t0, setup_s=setup_s)[0]

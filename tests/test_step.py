@@ -122,3 +122,38 @@ def test_scan_layers_trains(tmp_path):
     summary = train.train_and_evaluate(config, tmp_path)
     assert summary["status"] == "completed"
     assert np.isfinite(summary["final"]["eval/loss"])
+
+
+def test_probe_steps_laid_out_in_the_chunk_equal_a_cond_in_every_step():
+    """The chunk with probe steps at fixed positions and plain steps between them gives the
+    state, per-step metrics and probe outputs of the step that runs every probe part under
+    its cadence's `lax.cond` at every position: from step 0, and from a start that is not a
+    multiple of the period (phase 3), with an every-step part (weights) and parts of
+    different cadences (drift 4, drift_detail 8, growth 4)."""
+    from bn_research import probes
+
+    config = tiny(load_config("mlp", "norm=batch,width=16"), steps=24)
+    t = config.train
+    t.log_every, t.eval_every, t.checkpoint_every = 4, 12, 12
+    config.probes.drift.detail_every, config.probes.weights.every = 8, 1
+    s = train.setup(config)
+    assert s["fns"].probe_period == 4 and s["fns"].phase(7) == 3
+    every_position = probes.make_probe_fn(config, s["graphdef"], "classification")
+    every_position.period = 1  # the reference: one scan, every part under its lax.cond in every step
+    ref = step.make_step_fns(s["graphdef"], s["tx"], task="classification", batch_size=t.batch_size,
+                             eval_batch_size=t.eval_batch_size, probe_fn=every_position)
+    d = s["data"]["train"]
+    got_state = want_state = s["state"]
+    for n in (7, 9):  # steps 0..6 (phase 0), then 7..15 (phase 3)
+        phase = s["fns"].phase(int(got_state["step"]))
+        got_state, got = jax.jit(s["fns"].train_chunk, static_argnums=(2, 3))(got_state, d, n, phase)
+        want_state, want = jax.jit(ref.train_chunk, static_argnums=2)(want_state, d, n)
+        assert set(got) == set(want)
+        for key in want:
+            if key.endswith("/valid"):
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+            else:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        assert got["probes/weights/valid"].all() and got["probes/drift/valid"].sum() >= 2
+    for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(want_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

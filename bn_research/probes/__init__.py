@@ -3,12 +3,14 @@
 Each probe is a module with `default_config()`, `init(config, ctx) -> state` and
 `measure(config, info, ctx, state) -> ({"scalars": {key: []}, "units": {key: [U]}}, state)`,
 switched on and given a cadence under `config.probes.<name>` (`enabled`, `every`; every=0
-means `train.log_every`). The step calls the probe function built by `make_probe_fn` once
-per step; each enabled probe runs under `lax.cond` at its cadence steps (the first step and
-every step whose row number is a multiple of `every`) and emits zeros otherwise, plus a
-validity flag. Per-step outputs land in the metrics dict as
+means `train.log_every`). A probe runs as one or more parts (drift as two: `parts`), each
+with its cadence: the first step and every step whose row number is a multiple of it. The
+chunk program (`step.make_step_fns`) calls the probe function built by `make_probe_fn` in
+every step for the parts of cadence 1, and only in its probe steps, under a `lax.cond` per
+part, for the others, so the steps between them are the plain training step. Per-step
+outputs land in the metrics dict as (zeros and an invalid flag where a part did not run)
 
-    probes/<name>/valid     bool, True at the probe's cadence steps
+    probes/<name>/valid     bool, True at the part's cadence steps
     probes/<name>/scalars   [S]  packed scalars -> metrics.jsonl keys (e.g. ics/dense_0/grad_diff)
     probes/<name>/units     [U]  packed per-unit arrays -> layer_stats/
 
@@ -23,6 +25,7 @@ See docs/probes.md for every statistic, its formula and its paper.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import ml_collections
@@ -56,6 +59,8 @@ def validate(cfg) -> None:
             raise ValueError(f"probes.{name}.enabled must be true or false, got {p.enabled!r}")
         if int(p.every) < 0:
             raise ValueError(f"probes.{name}.every must be >= 0 (0 = train.log_every), got {p.every}")
+    if int(cfg.drift.detail_every) < 0:
+        raise ValueError(f"probes.drift.detail_every must be >= 0 (0 = train.log_every), got {cfg.drift.detail_every}")
     if int(cfg.drift.percentile_samples) < 0:
         raise ValueError(f"probes.drift.percentile_samples must be >= 0, got {cfg.drift.percentile_samples}")
     if int(cfg.drift.probe_batch_size) < 0:
@@ -63,38 +68,68 @@ def validate(cfg) -> None:
     landscape.validate(cfg.landscape)
 
 
-def enabled(config) -> dict[str, int]:
-    """{probe name: cadence in steps} of the enabled probes."""
+def parts(config) -> dict:
+    """{part: (cadence in steps, init, measure)} of the enabled probes, in evaluation order.
+    A probe is one part, except drift: its moments on the training batch (`drift`, cadence
+    `probes.drift.every`) and its percentiles and probe-batch statistics (`drift_detail`,
+    cadence `probes.drift.detail_every`)."""
     out = {}
-    for name in PROBES:
+    log_every = int(config.train.log_every)
+    for name, mod in PROBES.items():
         p = config.probes[name]
-        if p.enabled:
-            out[name] = int(p.every) or int(config.train.log_every)
+        if not p.enabled:
+            continue
+        out[name] = (int(p.every) or log_every, mod.init, mod.measure)
+        if name == "drift":
+            out["drift_detail"] = (int(p.detail_every) or log_every, drift.detail_init, drift.detail_measure)
     return out
 
 
+def enabled(config) -> dict[str, int]:
+    """{part: cadence in steps} of the enabled probes (see `parts`)."""
+    return {name: every for name, (every, _, _) in parts(config).items()}
+
+
 class ProbeFn:
-    """The in-step probe function of one config: `probe_fn(ctx) -> (metrics, probe_state)`
-    packs each probe's outputs into one vector per kind (a scan output per key costs more
-    per step on CPU than the measurement itself); `layout(shapes)` says how they unpack."""
+    """The in-step probe function of one config: `probe_fn(ctx, periodic) -> (metrics,
+    probe_state)` packs each part's outputs into one vector per kind (a scan output per key
+    costs more per step on CPU than the measurement itself); `layout(shapes)` says how they
+    unpack.
 
-    def __init__(self, config, graphdef):
+    Parts with cadence 1 run in every step. The others are `periodic`: they run, each under
+    a `lax.cond` on its cadence, only in the steps the chunk program marks as probe steps
+    (`step.make_step_fns`: the first step of a chunk and every step whose row number is a
+    multiple of `period`), so that the other steps are the plain training step."""
+
+    def __init__(self, config, graphdef, chunk_length: int | None = None):
         self.config, self.graphdef = config, graphdef
-        self.cadence = enabled(config)
+        self.parts = parts(config)
+        self.cadence = {name: every for name, (every, _, _) in self.parts.items()}
+        self.every_step = tuple(n for n, e in self.cadence.items() if e == 1)
+        self.periodic = tuple(n for n, e in self.cadence.items() if e > 1)
         self.schedule = weights.make_schedule(config)
+        if chunk_length is None:
+            from bn_research import loop
 
-    def measure(self, ctx):
-        """({probe: {"scalars": {key: array}, "units": {key: array}}}, {probe: valid flag},
-        new probe state): every enabled probe at its cadence, zeros elsewhere."""
+            chunk_length = loop.chunk_length(config)
+        # every cadence point of a periodic part is a multiple of `period`, and so is every
+        # chunk start: the probe steps sit at fixed places in a chunk program
+        self.period = math.gcd(int(chunk_length), *(self.cadence[n] for n in self.periodic)) if self.periodic else 0
+
+    def measure(self, ctx, names=None):
+        """({part: {"scalars": {key: array}, "units": {key: array}}}, {part: valid flag},
+        {part: new state}) of the parts `names` (all when None): each at its cadence, zeros
+        elsewhere."""
         st = ctx["state"]
         info = {"layer_names": common.layer_names(st["params"]), "graphdef": self.graphdef,
                 "schedule": self.schedule}
         results, valid, new_state = {}, {}, {}
-        for name, every in self.cadence.items():
-            mod, pstate = PROBES[name], st["probes"][name]
+        for name in (self.cadence if names is None else names):
+            every, _, measure_fn = self.parts[name]
+            pstate = st["probes"][name]
 
-            def run(mod=mod, pstate=pstate):
-                return mod.measure(self.config, info, ctx, pstate)
+            def run(measure_fn=measure_fn, pstate=pstate):
+                return measure_fn(self.config, info, ctx, pstate)
 
             if every == 1:
                 valid[name] = np.bool_(True)
@@ -104,8 +139,10 @@ class ProbeFn:
                 results[name], new_state[name] = common.maybe(valid[name], run, pstate)
         return results, valid, new_state
 
-    def __call__(self, ctx):
-        results, valid, new_state = self.measure(ctx)
+    def __call__(self, ctx, periodic: bool = True):
+        """(packed outputs, new probe state) of the every-step parts, and of the periodic
+        parts too when `periodic` (a probe step); the others keep their state."""
+        results, valid, new = self.measure(ctx, None if periodic else self.every_step)
         out = {}
         for name, res in results.items():
             out[f"probes/{name}/valid"] = valid[name]
@@ -113,7 +150,11 @@ class ProbeFn:
                 packed = common.pack(res[kind])  # a StackedDict: whole stacks at once, then one gather
                 if packed is not None:
                     out[f"probes/{name}/{kind}"] = packed
-        return out, new_state
+        return out, dict(ctx["state"]["probes"], **new)
+
+    def is_periodic(self, key: str) -> bool:
+        """Whether the output `key` ("probes/<part>/...") belongs to a periodic part."""
+        return key.split("/")[1] in self.periodic
 
     @staticmethod
     def layout(shapes) -> dict:
@@ -133,7 +174,7 @@ def init_state(config, graphdef, train_state, dataset):
     """Initial probe state (a pytree carried in `TrainState["probes"]`)."""
     ctx = {"train_state": train_state, "graphdef": graphdef, "dataset": dataset,
            "layer_names": common.layer_names(train_state["params"])}
-    return {name: PROBES[name].init(config, ctx) for name in enabled(config)}
+    return {name: init(config, ctx) for name, (_, init, _) in parts(config).items()}
 
 
 def _split_unit_key(key: str) -> tuple[str, str]:

@@ -102,6 +102,28 @@ def aux_groups(aux) -> list[tuple[tuple[str, ...], dict]]:
     return [((n,), jax.tree_util.tree_map(lambda x: x[None], a)) for n, a in aux.items()]
 
 
+def merge_groups(groups, max_size: int) -> list[tuple[tuple[str, ...], dict]]:
+    """`groups` ([(names, {key: [n, ...]})], as `aux_groups`) with the groups whose per-layer
+    arrays have equal shapes and dtypes and at most `max_size` elements each concatenated
+    into one (in network order within it): one vmap then covers them all. Larger layers stay
+    as they are (concatenating them would copy more memory than a few operations cost)."""
+    out, where = [], {}
+    for names, tree in groups:
+        leaves = jax.tree_util.tree_leaves(tree)
+        sig = (jax.tree_util.tree_structure(tree), tuple((x.shape[1:], x.dtype) for x in leaves))
+        if max(int(np.prod(x.shape[1:])) for x in leaves) > max_size:
+            out.append((names, tree))
+        elif sig in where:
+            i = where[sig]
+            prev_names, prev = out[i]
+            out[i] = (prev_names + tuple(names),
+                      jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), prev, tree))
+        else:
+            where[sig] = len(out)
+            out.append((tuple(names), tree))
+    return out
+
+
 @jax.tree_util.register_pytree_node_class
 class StackedDict(Mapping):
     """A probe's {key: value} whose values come in stacks: `rows` holds (keys, array [n, ...])

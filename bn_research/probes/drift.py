@@ -9,6 +9,13 @@ the parameters can be told apart from batch-to-batch sampling noise. Drift is th
 mean square over units of the change since the previous cadence point (`_drift`) and
 since initialization (`_drift_init`). Statistics are computed a group of layers at a time
 (`common.aux_groups`: one vmap over a scanned stack) and kept so in the probe state.
+
+The probe runs in two parts with their own cadence, so that the cheap part can run every
+step: the moments (means and variances) on the training batch, from activations the step
+already computed, every `probes.drift.every` steps (probe `drift`); the percentiles on the
+training batch and every statistic on the probe batch, which needs a forward pass of its
+own, every `probes.drift.detail_every` steps (probe `drift_detail`; both default to
+`train.log_every`). Each part's `_drift` is the change since its own previous cadence point.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import numpy as np
 from bn_research.probes import common
 
 PERCENTILES = (15.0, 50.0, 85.0)
-STATS = ("norm_in_mean", "norm_in_var", "act_in_mean", "act_in_var",
-         "act_in_p15", "act_in_p50", "act_in_p85")
+MOMENTS = ("norm_in_mean", "norm_in_var", "act_in_mean", "act_in_var")
+PERCENTILE_STATS = ("act_in_p15", "act_in_p50", "act_in_p85")
+STATS = MOMENTS + PERCENTILE_STATS
 SOURCES = ("train", "probe")
 PAIRWISE_MAX = 256  # up to this many samples per unit, percentiles by pairwise ranks, else a sort
 
@@ -30,7 +38,8 @@ PAIRWISE_MAX = 256  # up to this many samples per unit, percentiles by pairwise 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.enabled = True  # cheap: statistics of activations the step already computes
-    c.every = 0  # cadence in steps; 0 = train.log_every
+    c.every = 0  # cadence of the moments on the training batch, in steps; 0 = train.log_every
+    c.detail_every = 0  # cadence of the percentiles and the probe batch; 0 = train.log_every
     c.probe_batch = True  # also measure on the fixed probe batch (one extra forward pass)
     c.probe_batch_size = 0  # examples in the fixed probe batch; 0 = train.batch_size
     c.percentile_samples = 4096  # percentiles over at most this many (strided) positions per unit; 0 = all
@@ -73,114 +82,173 @@ def percentiles(a, max_samples: int = 0):
 
 def unit_stats(norm_in, act_in, max_samples: int = 0) -> dict:
     """Per-unit statistics of one layer; inputs [B, F] or [B, H, W, C] (feature last)."""
+    out = dict(zip(MOMENTS, moments(norm_in, act_in), strict=True))
+    out.update(zip(PERCENTILE_STATS, percentiles(act_in.reshape(-1, act_in.shape[-1]), max_samples), strict=True))
+    return out
+
+
+def moments(norm_in, act_in):
+    """[4, U]: the MOMENTS of one layer (means and variances over batch and space)."""
     z = norm_in.reshape(-1, norm_in.shape[-1])
     a = act_in.reshape(-1, act_in.shape[-1])
-    p15, p50, p85 = percentiles(a, max_samples)
-    return {"norm_in_mean": z.mean(0), "norm_in_var": z.var(0),
-            "act_in_mean": a.mean(0), "act_in_var": a.var(0),
-            "act_in_p15": p15, "act_in_p50": p50, "act_in_p85": p85}
+    return jnp.stack([z.mean(0), z.var(0), a.mean(0), a.var(0)])
 
 
-def group_stats(aux, max_samples: int = 0) -> tuple[dict, dict]:
-    """Per-unit statistics of every hidden layer, a group of layers at a time (one vmap
-    over a scanned stack): ({group: {stat: [n, U]}}, {group: its n layer names}), a group
-    keyed by its first layer's name."""
+def layer_stats(kind: str, max_samples: int = 0):
+    """The per-layer statistic function of a part: [len(PART_STATS[kind]), U] from one layer's aux."""
+    if kind == "moments":
+        return lambda a: moments(a["norm_in"], a["act_in"])
+    if kind == "percentiles":
+        return lambda a: jnp.stack(percentiles(a["act_in"].reshape(-1, a["act_in"].shape[-1]), max_samples))
+    return lambda a: jnp.concatenate([moments(a["norm_in"], a["act_in"]), layer_stats("percentiles", max_samples)(a)])
+
+
+PART_STATS = {"moments": MOMENTS, "percentiles": PERCENTILE_STATS, "all": STATS}
+MERGE_MAX = 1 << 16  # layers whose aux arrays hold at most this many elements are stacked into one batch
+
+
+def group_stats(aux, kind: str, max_samples: int = 0) -> tuple[dict, dict]:
+    """Per-unit statistics of every hidden layer, a group of layers at a time: ({group:
+    [n, stats, U]}, {group: its n layer names}), a group keyed by its first layer's name.
+
+    Groups are the model's (one vmap over a scanned stack); small layers of equal shapes
+    are stacked into one group first (`common.merge_groups`), so that a net of a few narrow
+    layers costs a handful of operations per step instead of a few per layer and statistic."""
     stats, names = {}, {}
-    for group, tree in common.aux_groups(aux):
-        stats[group[0]] = jax.vmap(lambda a: unit_stats(a["norm_in"], a["act_in"], max_samples))(tree)
+    for group, tree in common.merge_groups(common.aux_groups(aux), MERGE_MAX):
+        stats[group[0]] = jax.vmap(layer_stats(kind, max_samples))(tree)
         names[group[0]] = group
     return stats, names
 
 
 def all_stats(aux, names, max_samples: int = 0) -> dict:
     """{layer: {stat: [U]}} for the layers `names`."""
-    stats, groups = group_stats(aux, max_samples)
+    stats, groups = group_stats(aux, "all", max_samples)
     per_layer = {}
     for g, st in stats.items():
-        per_layer.update(common.unstack(st, groups[g]))
+        for j, layer in enumerate(groups[g]):
+            per_layer[layer] = dict(zip(STATS, st[j], strict=True))
     return {n: per_layer[n] for n in names}
 
 
-def group_outputs(src: str, names, cur: dict, prev: dict, init: dict):
+def group_outputs(src: str, names, stat_names, cur, prev, init):
     """(scalars, per-unit arrays) of one source and one group of layers `names` from current,
-    previous-cadence and initial statistics (stat -> [n, units]): every reduction runs on the
-    whole group, and the outputs stay stacked (`common.StackedDict`, one key per layer)."""
+    previous-cadence and initial statistics [n, stats, units]: three reductions for the
+    whole group, outputs stacked (`common.StackedDict`, one key per layer and statistic)."""
+    n, k = cur.shape[:2]
+    keys = [f"dist/{layer}/{src}/{stat}" for layer in names for stat in stat_names]
     scalars, units = common.StackedDict(), common.StackedDict()
-    for stat, v in cur.items():
-        keys = [f"dist/{layer}/{src}/{stat}" for layer in names]
-        scalars.add(keys, v.mean(-1))
-        # rms over units of the change, per layer
-        scalars.add([k + "_drift" for k in keys], jnp.sqrt(jnp.mean(jnp.square(v - prev[stat]), -1)))
-        scalars.add([k + "_drift_init" for k in keys], jnp.sqrt(jnp.mean(jnp.square(v - init[stat]), -1)))
-        units.add(keys, v)
+    scalars.add(keys, cur.mean(-1).reshape(n * k))
+    # rms over units of the change, per layer and statistic
+    scalars.add([k_ + "_drift" for k_ in keys], jnp.sqrt(jnp.mean(jnp.square(cur - prev), -1)).reshape(n * k))
+    scalars.add([k_ + "_drift_init" for k_ in keys], jnp.sqrt(jnp.mean(jnp.square(cur - init), -1)).reshape(n * k))
+    units.add(keys, cur.reshape((n * k,) + cur.shape[2:]))
     return scalars, units
 
 
-def drift_outputs(src: str, cur: dict, prev: dict, init: dict, groups: dict | None = None):
-    """(scalars, per-unit arrays) of one source from current, previous-cadence and initial
-    per-unit statistics: dicts layer -> stat -> [units], or with `groups` (group -> layer
-    names, from `group_stats`) dicts group -> stat -> [n, units]."""
+def drift_outputs(src: str, cur: dict, prev: dict, init: dict):
+    """(scalars, per-unit arrays) of one source from per-layer dicts layer -> stat -> [units]
+    of current, previous-cadence and initial statistics (a reference form of
+    `group_outputs`, one layer at a time)."""
     scalars, units = common.StackedDict(), common.StackedDict()
-    for g, stats in cur.items():
-        if groups is None:  # one layer: a group of one
-            def one(tree):
-                return jax.tree_util.tree_map(lambda x: x[None], tree)
-            s, u = group_outputs(src, (g,), one(stats), one(prev[g]), one(init[g]))
-        else:
-            s, u = group_outputs(src, groups[g], stats, prev[g], init[g])
+    for layer, stats in cur.items():
+        names = sorted(stats)
+
+        def arr(d, names=names, layer=layer):
+            return jnp.stack([d[layer][s] for s in names])[None]
+
+        s, u = group_outputs(src, (layer,), names, arr(cur), arr(prev), arr(init))
         scalars.update(s)
         units.update(u)
     return scalars, units
 
 
-def init(config, ctx) -> dict:
-    """Probe state: the fixed probe batch, its noise key, and initial/previous statistics
-    of both sources (filled at the first step)."""
-    pc = config.probes.drift
-    train_state, graphdef = ctx["train_state"], ctx["graphdef"]
-    n = int(pc.probe_batch_size) or int(config.train.batch_size)
-    x_all = ctx["dataset"].train["x"]
-    n = min(n, x_all.shape[0])
-    idx = np.sort(np.random.default_rng(int(config.seed) + 7919).choice(x_all.shape[0], n, replace=False))
-    x = jnp.asarray(x_all[idx])
+def _eval_stats(config, ctx, kind: str, x):
+    """Abstract shapes of `group_stats` on a batch like `x`, and zeros of them."""
     from bn_research import step
+
+    train_state, graphdef = ctx["train_state"], ctx["graphdef"]
 
     def stats_of(x):
         _, aux, _ = step.forward(graphdef, train_state["params"], train_state["batch_stats"], x,
                                  train=True, rng=jax.random.key(0))
-        return group_stats(aux, int(pc.percentile_samples))[0]
+        return group_stats(aux, kind, int(config.probes.drift.percentile_samples))[0]
 
     shapes = jax.eval_shape(stats_of, x)
 
     def zeros():  # distinct buffers: the state is donated to the jitted step
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    state = {"train": {"init": zeros(), "prev": zeros()}}
+    return {"init": zeros(), "prev": zeros()}
+
+
+def _probe_batch(config, ctx):
+    pc = config.probes.drift
+    n = int(pc.probe_batch_size) or int(config.train.batch_size)
+    x_all = ctx["dataset"].train["x"]
+    n = min(n, x_all.shape[0])
+    idx = np.sort(np.random.default_rng(int(config.seed) + 7919).choice(x_all.shape[0], n, replace=False))
+    return jnp.asarray(x_all[idx])
+
+
+def _update(src, stat_names, cur, groups, pstate, first):
+    """(scalars, units, new {init, prev}) of one source at a cadence step."""
+    init_v = jax.tree_util.tree_map(lambda i, c: jnp.where(first, c, i), pstate["init"], cur)
+    prev_v = jax.tree_util.tree_map(lambda p, c: jnp.where(first, c, p), pstate["prev"], cur)
+    scalars, units = common.StackedDict(), common.StackedDict()
+    for g, c in cur.items():
+        s, u = group_outputs(src, groups[g], stat_names, c, prev_v[g], init_v[g])
+        scalars.update(s)
+        units.update(u)
+    return scalars, units, {"init": init_v, "prev": cur}
+
+
+def init(config, ctx) -> dict:
+    """State of the moments part: initial and previous statistics of the training batch
+    (filled at the first step)."""
+    x = jnp.asarray(ctx["dataset"].train["x"][: int(config.train.batch_size)])
+    return {"train": _eval_stats(config, ctx, "moments", x)}
+
+
+def measure(config, info, ctx, pstate):
+    """The moments part at a cadence step: means and variances on the training batch,
+    taken from the step's own forward pass."""
+    del config, info
+    cur, groups = group_stats(ctx["aux"], "moments")
+    scalars, units, new = _update("train", MOMENTS, cur, groups, pstate["train"], ctx["state"]["step"] == 0)
+    return {"scalars": scalars, "units": units}, {"train": new}
+
+
+def detail_init(config, ctx) -> dict:
+    """State of the detail part: the fixed probe batch, its noise key, and initial/previous
+    percentiles of the training batch and statistics of the probe batch."""
+    pc = config.probes.drift
+    x = _probe_batch(config, ctx)
+    state = {"train": _eval_stats(config, ctx, "percentiles", x)}
     if pc.probe_batch:
-        state["probe"] = {"init": zeros(), "prev": zeros()}
+        state["probe"] = _eval_stats(config, ctx, "all", x)
         state["x"] = x
         state["key"] = jax.random.key_data(jax.random.key(int(config.seed) + 7919))
     return state
 
 
-def measure(config, info, ctx, pstate):
-    """Outputs and new state at a cadence step."""
+def detail_measure(config, info, ctx, pstate):
+    """The detail part at its cadence step: percentiles on the training batch, and every
+    statistic on the fixed probe batch (one extra forward pass)."""
     first = ctx["state"]["step"] == 0
     m = int(config.probes.drift.percentile_samples)
-    current, groups = group_stats(ctx["aux"], m)
-    current = {"train": current}
+    cur, groups = group_stats(ctx["aux"], "percentiles", m)
+    scalars, units, new = common.StackedDict(), common.StackedDict(), dict(pstate)
+    s, u, new["train"] = _update("train", PERCENTILE_STATS, cur, groups, pstate["train"], first)
+    scalars.update(s)
+    units.update(u)
     if "probe" in pstate:
         from bn_research import step
 
         _, aux, _ = step.forward(info["graphdef"], ctx["state"]["params"], ctx["state"]["batch_stats"],
                                  pstate["x"], train=True, rng=jax.random.wrap_key_data(pstate["key"]))
-        current["probe"] = group_stats(aux, m)[0]
-    scalars, units, new = common.StackedDict(), common.StackedDict(), dict(pstate)
-    for src, cur in current.items():
-        init_v = jax.tree_util.tree_map(lambda i, c: jnp.where(first, c, i), pstate[src]["init"], cur)
-        prev_v = jax.tree_util.tree_map(lambda p, c: jnp.where(first, c, p), pstate[src]["prev"], cur)
-        s, u = drift_outputs(src, cur, prev_v, init_v, groups)
+        cur, groups = group_stats(aux, "all", m)
+        s, u, new["probe"] = _update("probe", STATS, cur, groups, pstate["probe"], first)
         scalars.update(s)
         units.update(u)
-        new[src] = {"init": init_v, "prev": cur}
     return {"scalars": scalars, "units": units}, new
