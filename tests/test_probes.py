@@ -474,11 +474,23 @@ def test_percentiles_on_a_strided_subsample():
     np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [40, 1000])  # pairwise ranks (n <= PAIRWISE_MAX) and sort
+@pytest.mark.parametrize("n", [40, 1000])  # pairwise ranks (n <= PAIRWISE_MAX) and bisection
 def test_percentiles_with_ties_match_numpy(n):
     a = np.random.default_rng(n).integers(0, 5, size=(n, 3)).astype(np.float32)  # many ties
     got = jax.jit(drift.percentiles)(jnp.asarray(a))
     np.testing.assert_allclose(np.stack(got), np.percentile(a, drift.PERCENTILES, axis=0), rtol=1e-6)
+
+
+def test_order_statistics_by_bisection_are_exact():
+    """Every order statistic of columns with negative values, +-0, ties, huge and tiny
+    magnitudes and infinities equals the sorted column's entry bit for bit (0 == -0)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_t(2, size=(300, 4)).astype(np.float32) * np.float32([1, 1e-30, 1e30, 1])
+    a[:7, 0], a[7:12, 0], a[:40, 3] = 0.0, -0.0, 2.5
+    a[0, 1], a[1, 1] = np.inf, -np.inf
+    ranks = tuple(range(300))
+    got = np.asarray(jax.jit(lambda x: drift.order_statistics(x, ranks))(jnp.asarray(a)))
+    np.testing.assert_array_equal(got, np.sort(a, axis=0))
 
 
 def test_store_truncate_drops_chunks_after_step(tmp_path):

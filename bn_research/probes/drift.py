@@ -32,7 +32,7 @@ MOMENTS = ("norm_in_mean", "norm_in_var", "act_in_mean", "act_in_var")
 PERCENTILE_STATS = ("act_in_p15", "act_in_p50", "act_in_p85")
 STATS = MOMENTS + PERCENTILE_STATS
 SOURCES = ("train", "probe")
-PAIRWISE_MAX = 256  # up to this many samples per unit, percentiles by pairwise ranks, else a sort
+PAIRWISE_MAX = 256  # up to this many samples per unit, percentiles by pairwise ranks, else by bisection
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,37 +46,73 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _sort_keys(a):
+    """uint32 keys whose unsigned order is the order of the float32 values `a`."""
+    i = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+    return jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(0x80000000))
+
+
+def _from_keys(k):
+    i = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+    return jax.lax.bitcast_convert_type(i, jnp.float32)
+
+
+def order_statistics(a, ranks, successors: bool = False):
+    """[len(ranks), U]: the ranks[r]-th smallest value (0-based) of each column of a [N, U],
+    exactly, without a sort: a bisection on the float32 bit patterns (32 rounds of counting
+    how many values lie at or below a threshold, for every rank and unit at once). On
+    XLA:CPU this is ~5x faster than sorting 4096 x 64 values, and it is exact. With
+    `successors`, also the (ranks[r] + 1)-th smallest values, from one more pass."""
+    u = _sort_keys(a)
+    k = jnp.asarray(ranks, jnp.int32)[:, None]
+    shape = (len(ranks), u.shape[1])
+    lo, hi = jnp.broadcast_to(u.min(0), shape), jnp.broadcast_to(u.max(0), shape)
+
+    def halve(_, bounds):  # invariant: the answer lies in [lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(u[None] <= mid[:, None], axis=1, dtype=jnp.int32) >= k + 1
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    if not successors:
+        return _from_keys(lo)
+    # the next order statistic: the same value if it repeats, else the smallest one above
+    at_or_below = jnp.sum(u[None] <= lo[:, None], axis=1, dtype=jnp.int32)
+    above = jnp.min(jnp.where(u[None] > lo[:, None], u[None], jnp.uint32(0xFFFFFFFF)), axis=1)
+    return _from_keys(lo), _from_keys(jnp.where(at_or_below >= k + 2, lo, above))
+
+
 def percentiles(a, max_samples: int = 0):
     """Per-unit PERCENTILES of a [N, U] array (linear interpolation, as numpy's default).
 
     With `max_samples` > 0 and N larger, they are taken over the evenly strided subsample
-    a[::ceil(N / max_samples)] (conv layers: batch x space positions), because an exact
-    sort of every position costs more than the training step itself on CPU.
+    a[::ceil(N / max_samples)] (conv layers: batch x space positions), to bound the cost of
+    the order statistics.
     """
     n = a.shape[0]
     if max_samples and n > max_samples:
         a = a[:: -(-n // max_samples)]
         n = a.shape[0]
+    positions = [q / 100.0 * (n - 1) for q in PERCENTILES]
+    ranks = sorted({r for pos in positions for r in (int(np.floor(pos)), min(int(np.floor(pos)) + 1, n - 1))})
+    lows = sorted({int(np.floor(pos)) for pos in positions})
     if n <= PAIRWISE_MAX:
-        # Order statistics without a sort (XLA's CPU sort is slow for many short rows):
+        # Order statistics by pairwise ranks (one fused op for a few hundred samples):
         # the stable rank of a_i is #{j: a_j < a_i} + #{j < i: a_j = a_i}, a permutation.
         less = a[None, :, :] < a[:, None, :]  # [i, j, U]: a_j < a_i
         tie = (a[None, :, :] == a[:, None, :]) & (jnp.arange(n)[None, :] < jnp.arange(n)[:, None])[..., None]
         rank = jnp.sum(less | tie, axis=1)  # [N, U]
-
-        def order_stat(k):
-            return jnp.sum(jnp.where(rank == k, a, 0.0), axis=0)
+        stats = {r: jnp.sum(jnp.where(rank == r, a, 0.0), axis=0) for r in ranks}
     else:
-        s = jnp.sort(a.T, axis=-1)  # sorting along the minor axis is several times faster
-
-        def order_stat(k):
-            return s[:, k]
+        low, nxt = order_statistics(a, lows, successors=True)  # ranks r and r + 1: one bisection
+        stats = {r: low[i] for i, r in enumerate(lows)}
+        stats.update({r + 1: nxt[i] for i, r in enumerate(lows) if r + 1 < n and r + 1 not in stats})
     out = []
-    for q in PERCENTILES:
-        pos = q / 100.0 * (n - 1)
+    for pos in positions:
         lo = int(np.floor(pos))
         hi, w = min(lo + 1, n - 1), pos - lo
-        out.append(order_stat(lo) * (1.0 - w) + order_stat(hi) * w)
+        out.append(stats[lo] * (1.0 - w) + stats[hi] * w)
     return out
 
 
