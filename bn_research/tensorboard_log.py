@@ -1,8 +1,9 @@
 """TensorBoard event files of a run: every scalar, the config as hparams, per-unit histograms.
 
 Written with TensorBoard's own event writer and the summary builders of its plugins
-(`simple_value` scalars, `histogram_pb`, `hparams_pb`), i.e. exactly the records its dashboards
-read, without running TensorFlow ops (those cost ~0.1 s per log row of a 3-layer MLP).
+(`simple_value` scalars, histogram tensors with the histogram plugin's metadata, `hparams_pb`),
+i.e. exactly the records its dashboards read, without running TensorFlow ops (those cost
+~0.1 s per log row of a 3-layer MLP).
 Only log rows are written (the host already holds them), so there is no extra device sync.
 
 Tags put the layer first, so TensorBoard (which groups charts by the first path segment)
@@ -28,6 +29,25 @@ import numpy as np
 
 UNITS_SUFFIX = "units"
 HPARAM_TYPES = (bool, int, float, str)
+BUCKETS = 30  # buckets per histogram, as TensorBoard's own summaries default to
+
+
+def bucketize(rows, buckets: int = BUCKETS):
+    """Histograms of the rows of a [M, N] float array at once: [M, buckets, 3] of (left edge,
+    right edge, count) in TensorBoard's histogram layout (`buckets` equal-width buckets from
+    the row's minimum to its maximum, the maximum in the last one; a constant row has every
+    edge at its value and all counts in the last bucket)."""
+    rows = np.asarray(rows, np.float64)
+    m, n = rows.shape
+    lo, hi = rows.min(1), rows.max(1)
+    width = (hi - lo) / buckets
+    flat = width == 0
+    idx = np.floor((rows - lo[:, None]) / np.where(flat, 1.0, width)[:, None]).astype(np.int64)
+    idx = np.where(flat[:, None], buckets - 1, np.minimum(idx, buckets - 1))
+    counts = np.bincount((np.arange(m)[:, None] * buckets + idx).ravel(), minlength=m * buckets)
+    left = lo[:, None] + width[:, None] * np.arange(buckets)
+    right = np.where(np.arange(buckets) == buckets - 1, hi[:, None], left + width[:, None])
+    return np.stack([left, right, counts.reshape(m, buckets).astype(np.float64)], -1)
 
 
 def tag(key: str, layer_names=()) -> str:
@@ -72,6 +92,7 @@ class EventWriter:
 
         self._events = EventFileWriter(str(Path(workdir)))
         self.layer_names = frozenset(layer_names)
+        self._metadata = {}  # histogram tag -> its plugin metadata
         if config_dict is not None:
             from tensorboard.plugins.hparams import summary_v2 as hparams
 
@@ -94,17 +115,34 @@ class EventWriter:
             self._add(step, summary_pb2.Summary(value=values))
 
     def histograms(self, step: int, units: dict) -> None:
-        """Per-unit arrays {(layer, stat): [U]} of one step, one histogram each."""
-        from tensorboard.compat.proto import summary_pb2
-        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+        """Per-unit arrays {(layer, stat): [U]} of one step, one histogram each, bucketed
+        together for arrays of one length (`bucketize`: one numpy pass instead of one
+        TensorBoard `histogram_pb` call, ~0.15 ms, per array)."""
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
-        values = []
+        by_size: dict[int, list] = {}
         for (layer, stat), v in units.items():
             v = np.asarray(v, np.float64).ravel()
             if v.size and np.isfinite(v).all():  # TensorBoard cannot bucket inf/nan
-                values.extend(histogram_pb(units_tag(layer, stat), v).value)
+                by_size.setdefault(v.size, []).append((units_tag(layer, stat), v))
+        values = []
+        shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=BUCKETS),
+                                                       tensor_shape_pb2.TensorShapeProto.Dim(size=3)])
+        for group in by_size.values():
+            for (name, _), b in zip(group, bucketize(np.stack([v for _, v in group])), strict=True):
+                tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape,
+                                                tensor_content=np.ascontiguousarray(b).tobytes())
+                values.append(summary_pb2.Summary.Value(tag=name, metadata=self._histogram_metadata(name),
+                                                        tensor=tensor))
         if values:
             self._add(step, summary_pb2.Summary(value=values))
+
+    def _histogram_metadata(self, name: str):
+        if name not in self._metadata:
+            from tensorboard.plugins.histogram import metadata
+
+            self._metadata[name] = metadata.create_summary_metadata(display_name=name, description="")
+        return self._metadata[name]
 
     def resume(self, step: int) -> None:
         """Mark a restart at `step`: TensorBoard's readers drop events of earlier files with

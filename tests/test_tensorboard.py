@@ -79,3 +79,18 @@ def test_per_unit_statistics_are_histograms(run):
             assert np.isfinite(buckets).all(), (tag, step)
             assert buckets[:, 2].sum() == 100, (tag, step)  # one count per hidden unit
     assert set(_values(events, "dense_0/dist/train/act_in_mean/units")) == {1, 10, 20}
+
+
+def test_bucketize_equals_tensorboards_histogram_summary():
+    """`bucketize` (all rows at once) gives TensorBoard's own `histogram_pb` buckets: spread
+    values, a constant row, a row with one outlier, and a 1-element row."""
+    from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=100), np.full(100, 2.5), np.r_[np.zeros(99), 1e6], rng.uniform(-3, 3, size=100)]
+    got = tensorboard_log.bucketize(np.stack(rows))
+    for r, g in zip(rows, got, strict=True):
+        want = tensor_util.make_ndarray(histogram_pb("t", r).value[0].tensor)
+        np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12)
+    one = tensorboard_log.bucketize(np.array([[7.0]]))[0]
+    np.testing.assert_allclose(one, tensor_util.make_ndarray(histogram_pb("t", [7.0]).value[0].tensor))
