@@ -547,8 +547,10 @@ def main(argv=None):
                     add_unavailable(sec, name_c, label, fw_res, compiled, torch_status["compile"])
 
         if "probes" in only:
-            timers, pk = probe_variants(kind, ds, (2 if kind == "mlp" else 1), quick)
-            res = interleave(timers, reps)
+            # the MLP's chunk takes ~0.3 s: 4 per timing and at least 5 repetitions keep its
+            # few-percent ratios above the noise of this machine
+            timers, pk = probe_variants(kind, ds, (4 if kind == "mlp" and not quick else 1), quick)
+            res = interleave(timers, max(reps, 5) if kind == "mlp" and not quick else reps)
             for v, (label, goal) in PROBE_VARIANTS.items():
                 add(f"{kind}: probes", f"{kind} {label} / probes off (time ratio)", label, res[v], "probes off",
                     res["off"], lambda a, b: b / a, goal,
