@@ -76,13 +76,40 @@ def unstack(stacked, names) -> dict:
     return {n: jax.tree_util.tree_map(lambda x, j=j: x[j], stacked) for j, n in enumerate(names)}
 
 
+MERGE_MAX = 1 << 16  # layers whose arrays hold at most this many elements may share one vmap
+
+
+def _signature(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return (jax.tree_util.tree_structure(tree), tuple((x.shape[1:], x.dtype) for x in leaves),
+            max(int(np.prod(x.shape[1:])) for x in leaves) <= MERGE_MAX)
+
+
+def merge_groups(groups) -> list[tuple[tuple[str, ...], object]]:
+    """`groups` ([(names, tree with a leading layer axis on every leaf)], in network order)
+    with consecutive single layers of equal shapes and dtypes, each array at most MERGE_MAX
+    elements per layer, concatenated into one group: the unrolled hidden layers of an MLP
+    then cost one vmapped set of operations instead of one per layer. Larger layers and
+    scanned stacks (already one group) stay as they are: concatenating them would copy
+    more memory than a few operations cost."""
+    out = []  # [(names, tree, signature)]; a signature of None marks a group that takes no more
+    for names, tree in groups:
+        sig = _signature(tree) if len(names) == 1 else None
+        if out and sig is not None and sig[2] and out[-1][2] == sig:
+            prev_names, prev, _ = out[-1]
+            out[-1] = (prev_names + tuple(names),
+                       jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), prev, tree), sig)
+        else:
+            out.append((tuple(names), tree, sig))
+    return [(names, tree) for names, tree, _ in out]
+
+
 def map_groups(fn, *trees) -> list[tuple[tuple[str, ...], object]]:
-    """[(names, fn vmapped over the group's layer axis)] for every group of `layer_groups`;
-    `fn` takes one layer's variables of each tree (same structure)."""
-    out = []
-    for names, stacked in layer_groups(trees[0]):
-        out.append((names, jax.vmap(fn)(*(group_tree(t, names, stacked) for t in trees))))
-    return out
+    """[(names, fn vmapped over the group's layer axis)] for the groups of `layer_groups`
+    (small equal ones merged: `merge_groups`), in network order; `fn` takes one layer's
+    variables of each tree (same structure)."""
+    groups = [(names, [group_tree(t, names, stacked) for t in trees]) for names, stacked in layer_groups(trees[0])]
+    return [(names, jax.vmap(fn)(*parts)) for names, parts in merge_groups(groups)]
 
 
 def map_layers(fn, *trees) -> dict:
@@ -100,28 +127,6 @@ def aux_groups(aux) -> list[tuple[tuple[str, ...], dict]]:
         return [(names, tree if stacked else jax.tree_util.tree_map(lambda x: x[None], tree))
                 for names, stacked, tree in aux.groups]
     return [((n,), jax.tree_util.tree_map(lambda x: x[None], a)) for n, a in aux.items()]
-
-
-def merge_groups(groups, max_size: int) -> list[tuple[tuple[str, ...], dict]]:
-    """`groups` ([(names, {key: [n, ...]})], as `aux_groups`) with the groups whose per-layer
-    arrays have equal shapes and dtypes and at most `max_size` elements each concatenated
-    into one (in network order within it): one vmap then covers them all. Larger layers stay
-    as they are (concatenating them would copy more memory than a few operations cost)."""
-    out, where = [], {}
-    for names, tree in groups:
-        leaves = jax.tree_util.tree_leaves(tree)
-        sig = (jax.tree_util.tree_structure(tree), tuple((x.shape[1:], x.dtype) for x in leaves))
-        if max(int(np.prod(x.shape[1:])) for x in leaves) > max_size:
-            out.append((names, tree))
-        elif sig in where:
-            i = where[sig]
-            prev_names, prev = out[i]
-            out[i] = (prev_names + tuple(names),
-                      jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), prev, tree))
-        else:
-            where[sig] = len(out)
-            out.append((tuple(names), tree))
-    return out
 
 
 @jax.tree_util.register_pytree_node_class

@@ -140,18 +140,18 @@ def layer_stats(kind: str, max_samples: int = 0):
 
 
 PART_STATS = {"moments": MOMENTS, "percentiles": PERCENTILE_STATS, "all": STATS}
-MERGE_MAX = 1 << 16  # layers whose aux arrays hold at most this many elements are stacked into one batch
 
 
 def group_stats(aux, kind: str, max_samples: int = 0) -> tuple[dict, dict]:
     """Per-unit statistics of every hidden layer, a group of layers at a time: ({group:
     [n, stats, U]}, {group: its n layer names}), a group keyed by its first layer's name.
 
-    Groups are the model's (one vmap over a scanned stack); small layers of equal shapes
-    are stacked into one group first (`common.merge_groups`), so that a net of a few narrow
-    layers costs a handful of operations per step instead of a few per layer and statistic."""
+    Groups are the model's (one vmap over a scanned stack); consecutive small layers of
+    equal shapes are stacked into one group first (`common.merge_groups`), so that a net of
+    a few narrow layers costs a handful of operations per step instead of a few per layer
+    and statistic."""
     stats, names = {}, {}
-    for group, tree in common.merge_groups(common.aux_groups(aux), MERGE_MAX):
+    for group, tree in common.merge_groups(common.aux_groups(aux)):
         stats[group[0]] = jax.vmap(layer_stats(kind, max_samples))(tree)
         names[group[0]] = group
     return stats, names
