@@ -70,9 +70,9 @@ def validate(cfg) -> None:
 
 def parts(config) -> dict:
     """{part: (cadence in steps, init, measure)} of the enabled probes, in evaluation order.
-    A probe is one part, except drift: its moments on the training batch (`drift`, cadence
-    `probes.drift.every`) and its percentiles and probe-batch statistics (`drift_detail`,
-    cadence `probes.drift.detail_every`)."""
+    A probe is one part named after it, plus any its module's `extra_parts(probe config,
+    log_every)` adds (drift: `drift_detail`, its percentiles and probe-batch statistics at
+    `probes.drift.detail_every`)."""
     out = {}
     log_every = int(config.train.log_every)
     for name, mod in PROBES.items():
@@ -80,8 +80,8 @@ def parts(config) -> dict:
         if not p.enabled:
             continue
         out[name] = (int(p.every) or log_every, mod.init, mod.measure)
-        if name == "drift":
-            out["drift_detail"] = (int(p.detail_every) or log_every, drift.detail_init, drift.detail_measure)
+        if hasattr(mod, "extra_parts"):
+            out.update(mod.extra_parts(p, log_every))
     return out
 
 
@@ -101,20 +101,19 @@ class ProbeFn:
     (`step.make_step_fns`: the first step of a chunk and every step whose row number is a
     multiple of `period`), so that the other steps are the plain training step."""
 
-    def __init__(self, config, graphdef, chunk_length: int | None = None):
+    def __init__(self, config, graphdef):
         self.config, self.graphdef = config, graphdef
         self.parts = parts(config)
         self.cadence = {name: every for name, (every, _, _) in self.parts.items()}
         self.every_step = tuple(n for n, e in self.cadence.items() if e == 1)
         self.periodic = tuple(n for n, e in self.cadence.items() if e > 1)
         self.schedule = weights.make_schedule(config)
-        if chunk_length is None:
-            from bn_research import loop
+        from bn_research import loop  # loop imports this module
 
-            chunk_length = loop.chunk_length(config)
         # every cadence point of a periodic part is a multiple of `period`, and so is every
         # chunk start: the probe steps sit at fixed places in a chunk program
-        self.period = math.gcd(int(chunk_length), *(self.cadence[n] for n in self.periodic)) if self.periodic else 0
+        k = loop.chunk_length(config)
+        self.period = math.gcd(k, *(self.cadence[n] for n in self.periodic)) if self.periodic else 0
 
     def measure(self, ctx, names=None):
         """({part: {"scalars": {key: array}, "units": {key: array}}}, {part: valid flag},
@@ -151,10 +150,6 @@ class ProbeFn:
                 if packed is not None:
                     out[f"probes/{name}/{kind}"] = packed
         return out, dict(ctx["state"]["probes"], **new)
-
-    def is_periodic(self, key: str) -> bool:
-        """Whether the output `key` ("probes/<part>/...") belongs to a periodic part."""
-        return key.split("/")[1] in self.periodic
 
     @staticmethod
     def layout(shapes) -> dict:

@@ -255,6 +255,11 @@ def measure(config, info, ctx, pstate):
     return {"scalars": scalars, "units": units}, {"train": new}
 
 
+def extra_parts(pc, log_every: int) -> dict:
+    """The detail part (see `probes.parts`): name -> (cadence, init, measure)."""
+    return {"drift_detail": (int(pc.detail_every) or log_every, detail_init, detail_measure)}
+
+
 def detail_init(config, ctx) -> dict:
     """State of the detail part: the fixed probe batch, its noise key, and initial/previous
     percentiles of the training batch and statistics of the probe batch."""
