@@ -11,6 +11,8 @@ tests/test_kernels.py checks that both sets give the same values, gradients and 
     conv_same(x, w)                 stride-1 'SAME' NHWC x HWIO convolution (CPU: see
                                     `conv_same_cpu` for the per-shape choice, measured)
     max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
+    normalize(x, axes, eps)         (x - mean) / sqrt(var + eps) over `axes`, with the
+                                    mean and the biased variance (batch, layer, group norm)
     epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
 
 The choice is made when a function is traced (`jax.default_backend()`), never at import.
@@ -18,6 +20,7 @@ The choice is made when a function is traced (`jax.default_backend()`), never at
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -46,6 +49,14 @@ def max_pool_2x2(h):
     return max_pool_2x2_cpu(h) if kind() == "cpu" else max_pool_2x2_xla(h)
 
 
+def normalize(x, axes: tuple[int, ...], epsilon: float):
+    """(x_hat, mean, var) with mean and biased variance over `axes` (kept as size-1 axes)
+    and x_hat = (x - mean) * rsqrt(var + epsilon); differentiable in x through all three."""
+    if kind() == "cpu":
+        return normalize_cpu(x, tuple(axes), float(epsilon))
+    return normalize_xla(x, tuple(axes), float(epsilon))
+
+
 def epoch_permutation(key, epoch, n: int):
     """A uniformly shuffled `arange(n)` for epoch `epoch`, drawn from fold_in(key, epoch).
     The two kinds draw different (equally uniform) permutations from the same key."""
@@ -64,6 +75,12 @@ def conv_same_xla(x, w):
 
 def max_pool_2x2_xla(h):
     return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def normalize_xla(x, axes, epsilon):
+    mean = x.mean(axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon), mean, var
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,6 +247,52 @@ def _max_pool_bwd(res, dy):
 
 
 max_pool_2x2_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def normalize_cpu(x, axes, epsilon):
+    """`normalize_xla` with its gradient written out: with x_hat the output, r = rsqrt(var +
+    eps) and means over `axes`, dx = r * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat *
+    x_hat)) + dmean / n + 2 dvar (x - mean) / n. Autodiff of the forward pass emits about
+    five reductions per call where this needs two, and XLA:CPU runs each as its own pass
+    over the activations. CNN of configs/cnn.py (batch norm, probes off, 10-step chunks,
+    medians of 5 alternating processes): 30.96 -> 29.55 ms per step (1.05x); the MLP
+    of configs/mlp.py unchanged (0.41-0.42 ms per step either way)."""
+    return normalize_xla(x, axes, epsilon)
+
+
+def _normalize_fwd(x, axes, epsilon):
+    mean = x.mean(axes, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(jnp.square(xc), axes, keepdims=True)
+    r = jax.lax.rsqrt(var + epsilon)
+    x_hat = xc * r
+    return (x_hat, mean, var), (x_hat, r)
+
+
+def _normalize_bwd(axes, epsilon, res, cts):
+    del epsilon
+    x_hat, r = res
+    d_hat, d_mean, d_var = cts
+    n = 1
+    for a in axes:
+        n *= x_hat.shape[a]
+    dx = r * (d_hat - d_hat.mean(axes, keepdims=True) - x_hat * jnp.mean(d_hat * x_hat, axes, keepdims=True))
+    # the statistics' own cotangents (zero when they only feed stop_gradient, e.g. the
+    # running averages: XLA removes the terms' multiplications by a zero constant only
+    # partly, so they are skipped when JAX knows them to be zero)
+    if not isinstance(d_mean, jax.custom_derivatives.SymbolicZero):
+        dx = dx + d_mean / n
+    if not isinstance(d_var, jax.custom_derivatives.SymbolicZero):
+        dx = dx + d_var * (2.0 / n) * x_hat / r
+    return (dx,)
+
+
+def _normalize_fwd_sz(x, axes, epsilon):
+    return _normalize_fwd(x.value, axes, epsilon)
+
+
+normalize_cpu.defvjp(_normalize_fwd_sz, _normalize_bwd, symbolic_zeros=True)
 
 
 def epoch_permutation_cpu(key, epoch, n: int):

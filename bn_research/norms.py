@@ -94,16 +94,11 @@ class BatchNorm(nnx.Module):
                     f"batch size {b} is not a multiple of norm.virtual_batch_size={v}"
                 )
             g = x.reshape((b // v, v) + x.shape[1:])
-            axes = tuple(range(1, g.ndim - 1))
-            mean = g.mean(axes, keepdims=True)
-            var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
-            y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            y, mean, var = kernels.normalize(g, tuple(range(1, g.ndim - 1)), self.epsilon)
             flat = (-1, x.shape[-1])
-            return y, mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
-        axes = _reduce_axes(x)
-        mean = x.mean(axes)
-        var = jnp.mean(jnp.square(x - mean), axes)
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon), mean, var
+            return y.reshape(x.shape), mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
+        y, mean, var = kernels.normalize(x, _reduce_axes(x), self.epsilon)
+        return y, mean.reshape(x.shape[-1:]), var.reshape(x.shape[-1:])
 
     def __call__(self, x, *, train: bool, rng=None):
         if train:
@@ -248,10 +243,7 @@ class LayerNorm(nnx.Module):
         _init_affine(self, num_features, cfg)
 
     def __call__(self, x, *, train: bool, rng=None):
-        axes = tuple(range(1, x.ndim))
-        mean = x.mean(axes, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = kernels.normalize(x, tuple(range(1, x.ndim)), self.epsilon)[0]
         if self.affine:
             y = y * self.scale.value + self.bias.value
         return y
@@ -275,9 +267,7 @@ class GroupNorm(nnx.Module):
         c = x.shape[-1]
         g = x.reshape(x.shape[:-1] + (self.groups, c // self.groups))
         axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-        mean = g.mean(axes, keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = kernels.normalize(g, axes, self.epsilon)[0].reshape(x.shape)
         if self.affine:
             y = y * self.scale.value + self.bias.value
         return y

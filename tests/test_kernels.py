@@ -24,6 +24,40 @@ CONV_SHAPES = [
 ]
 
 
+# (shape, axes): batch norm of dense and NHWC layers, ghost groups, layer and group norm
+NORM_CASES = [
+    ((64, 10), (0,)), ((8, 5, 6, 12), (0, 1, 2)), ((4, 3, 5, 5, 8), (1, 2, 3)),
+    ((6, 20), (1,)), ((3, 4, 4, 2, 5), (1, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("shape,axes", NORM_CASES)
+@pytest.mark.parametrize("uses", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)], ids=["x_hat", "mean", "var", "all"])
+def test_normalize_values_and_gradients_match_autodiff(shape, axes, uses):
+    """The hand-written backward of `normalize_cpu` equals autodiff of `normalize_xla`,
+    through x_hat, the mean and the variance (each alone and together)."""
+    x = 3.0 * jax.random.normal(jax.random.key(len(shape)), shape) + 1.5
+    out_cpu, out_xla = kernels.normalize_cpu(x, axes, 1e-5), kernels.normalize_xla(x, axes, 1e-5)
+    for a, b in zip(out_cpu, out_xla, strict=True):
+        np.testing.assert_array_equal(a, b)
+    c = jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(shape))
+
+    def loss(f):
+        def fn(x):
+            y, m, v = f(x, axes, 1e-5)
+            return uses[0] * jnp.sum(y * c) + uses[1] * jnp.sum(jnp.sin(3 * m)) + uses[2] * jnp.sum(v ** 1.5)
+        return fn
+
+    g_cpu, g_xla = jax.grad(loss(kernels.normalize_cpu))(x), jax.grad(loss(kernels.normalize_xla))(x)
+    scale = float(jnp.abs(g_xla).max())
+    assert scale > 0
+    np.testing.assert_allclose(g_cpu, g_xla, rtol=1e-5, atol=1e-5 * scale)
+    # and under vmap (replicas), against autodiff vmapped
+    xs = jnp.stack([x, 2 * x - 1])
+    np.testing.assert_allclose(jax.vmap(jax.grad(loss(kernels.normalize_cpu)))(xs),
+                               jax.vmap(jax.grad(loss(kernels.normalize_xla)))(xs), rtol=1e-5, atol=2e-5 * scale)
+
+
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 def test_conv_values_and_gradients_match_xla(shape):
     b, h, w, cin, cout, k = shape
