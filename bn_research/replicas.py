@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bn_research import config_lib, data, loop, optim, probes, progress, rundir, step, train
+from bn_research import config_lib, data, kernels, loop, optim, probes, progress, rundir, step, train
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,7 +43,17 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = ()  # one replica per seed (crossed with learning_rates); () = (config.seed,)
     c.learning_rates = ()  # one replica per peak rate; () = (optimizer.learning_rate,)
+    c.program = "auto"  # vmap | map | auto: how the replicas share the program (see `build`)
     return c
+
+
+PROGRAMS = ("auto", "vmap", "map")
+# 'map': replicas per `lax.map` iteration, their chunks written side by side so that
+# XLA:CPU runs them on its threads at once (8 replicas of configs/cnn.py, 10-step chunks:
+# 37.9 replica-steps/s in groups of 2, 38.0 in groups of 4, 32.9 one at a time; 33.4 for
+# the 8 as separate runs). Each group's chunk is compiled once, so compile time grows
+# little (4.9 s against 4.8 s for one replica's chunk).
+MAP_GROUP = 2
 
 
 enabled = config_lib.replicas_enabled  # True when `config.replicas` asks for vectorized replicas
@@ -87,6 +97,9 @@ def validate(config) -> None:
         raise config_lib.ConfigError("replicas.seeds and replicas.learning_rates must not repeat values")
     for c in configs:
         config_lib.validate(c)
+    program = (config.get("replicas") or default_config()).get("program", "auto")
+    if program not in PROGRAMS:
+        raise config_lib.ConfigError(f"replicas.program={program!r}; choose one of: {', '.join(PROGRAMS)}")
     if config.dataset.get("pipeline", "auto") == "stream":
         raise config_lib.ConfigError("vectorized replicas draw each seed's batches on device; set "
                                      "dataset.pipeline=device (or auto) or train the seeds as separate runs")
@@ -104,13 +117,28 @@ def _stack(trees):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def program_for(config, state) -> str:
+    """'vmap' or 'map': `replicas.program`, or for 'auto' `kernels.replica_program` of a
+    model with convolutions (a 4-d parameter) or without."""
+    chosen = (config.get("replicas") or default_config()).get("program", "auto")
+    if chosen != "auto":
+        return chosen
+    has_conv = any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(state["params"]))
+    return kernels.replica_program(has_conv)
+
+
 def build(config, dataset=None):
-    """Stacked initial state and the jitted vectorized chunk / eval functions.
+    """Stacked initial state and the jitted replica chunk / eval functions.
 
     Returns a dict with `configs`, `setups` (one `train.setup` per replica), `state`
     (leading replica axis on every leaf but the shared `step`), `learning_rates` [N],
-    `chunk(state, lrs, train_data, K, phase)` (phase: `setups[0]["fns"].phase(start)`) and
-    `evaluate(params, batch_stats, test_data)`.
+    `program` ('vmap' or 'map', see `program_for`), `chunk(state, lrs, train_data, K,
+    phase)` (phase: `setups[0]["fns"].phase(start)`) and `evaluate(params, batch_stats,
+    test_data)`.
+
+    'vmap' vectorizes the replicas' chunks; 'map' runs them MAP_GROUP at a time inside the
+    one compiled chunk (`lax.map` over groups), which XLA:CPU runs faster for convolutional
+    models (see `kernels.replica_program`). Both give every replica exactly its own steps.
     The step counter stays unbatched, so cadence conditions (`lax.cond` on the step) stay
     real branches under vmap instead of becoming selects that run both sides.
     """
@@ -135,13 +163,35 @@ def build(config, dataset=None):
     state["step"] = jnp.copy(setups[0]["state"]["step"])  # a fresh buffer: the chunk donates it
     axes = {key: (None if key == "step" else 0) for key in state}
 
+    program = program_for(config, setups[0]["state"])
+
     def chunk(state, lrs, train_data, num_steps, phase=0):
         one = lambda s, lr: fns_for(lr).train_chunk(s, train_data, num_steps, phase)
-        return jax.vmap(one, in_axes=(axes, 0), out_axes=(axes, 0))(state, lrs)
+        if program == "vmap":
+            return jax.vmap(one, in_axes=(axes, 0), out_axes=(axes, 0))(state, lrs)
+
+        def group(own, lrs):  # replicas side by side: independent chunks in one program
+            outs = [one(dict(jax.tree_util.tree_map(lambda a: a[j], own), step=state["step"]), lrs[j])
+                    for j in range(lrs.shape[0])]
+            st = _stack([{k: v for k, v in o[0].items() if k != "step"} for o in outs])
+            return st, (outs[0][0]["step"], _stack([o[1] for o in outs]))
+
+        own = {k: v for k, v in state.items() if k != "step"}
+        n = lrs.shape[0]
+        g = min(MAP_GROUP, n)
+        full = n // g * g
+        head = jax.tree_util.tree_map(lambda a: a[:full].reshape((full // g, g) + a.shape[1:]), (own, lrs))
+        st, (steps, metrics) = jax.lax.map(lambda xs: group(*xs), head)
+        st, metrics = jax.tree_util.tree_map(lambda a: a.reshape((full,) + a.shape[2:]), (st, metrics))
+        if full < n:  # the last n % g replicas
+            rest = jax.tree_util.tree_map(lambda a: a[full:], (own, lrs))
+            st_r, (_, metrics_r) = group(*rest)
+            st, metrics = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), (st, metrics), (st_r, metrics_r))
+        return dict(st, step=steps[0]), metrics
 
     evaluate = jax.vmap(setups[0]["fns"].evaluate, in_axes=(0, 0, None))
     lrs = jnp.asarray([c.optimizer.learning_rate for c in configs], jnp.float32)
-    return {"configs": configs, "setups": setups, "state": state, "learning_rates": lrs,
+    return {"configs": configs, "setups": setups, "state": state, "learning_rates": lrs, "program": program,
             "data": setups[0]["data"], "chunk": jax.jit(chunk, static_argnums=(3, 4), donate_argnums=0),
             "evaluate": jax.jit(evaluate)}
 
@@ -206,7 +256,8 @@ def _train(config, configs, workdirs, finished, overwrite, dataset, locks) -> li
                for i, (c, w) in enumerate(zip(configs, workdirs, strict=True))]
     base = train.base_summary(first)
     hosts = [loop.RunHost(c, w, first["model"].layer_names(), first["probe_layout"],
-                          dict(base, replica={"index": i, "count": len(configs), "vectorized": True}),
+                          dict(base, replica={"index": i, "count": len(configs), "vectorized": True,
+                                                "program": b["program"]}),
                           writer=finished[i] is None)
              for i, (c, w) in enumerate(zip(configs, workdirs, strict=True))]
     start, state, metas = _restore(hosts, resumed, b["state"], live)

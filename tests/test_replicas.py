@@ -1,11 +1,11 @@
-"""Vectorized replicas (one vmapped program) match separately trained single runs."""
+"""Vectorized replicas (one program: vmapped, or lax.map over pairs) match separately trained single runs."""
 
 import json
 
 import numpy as np
 import pytest
 
-from bn_research import replicas, runs, train
+from bn_research import kernels, replicas, runs, train
 from tests.conftest import load_config, tiny
 
 
@@ -21,26 +21,32 @@ def _assert_same_rows(a, b):
             np.testing.assert_allclose(ra[key], rb[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("arg,seeds,rates", [
-    ("norm=noisy_batch", (0, 3), (0.1, 0.5)),  # noise, data order and init differ per seed
-    ("norm=batch,optimizer.name=momentum,optimizer.schedule=cosine", (1,), (0.02, 0.2)),
+@pytest.mark.parametrize("model,arg,seeds,rates,program", [
+    ("mlp", "norm=noisy_batch", (0, 3), (0.1, 0.5), "vmap"),  # noise, data order and init differ per seed
+    ("mlp", "norm=batch,optimizer.name=momentum,optimizer.schedule=cosine", (1,), (0.02, 0.2), "map"),
+    # 'auto': lax.map over pairs on XLA:CPU (vmap elsewhere); 3 replicas leave one outside the pairs
+    ("cnn", "norm=batch,width=4,model.depth=2,train.batch_size=8", (0, 1, 2), (), "auto"),
 ])
-def test_replicas_match_single_runs(tmp_path, arg, seeds, rates):
-    config = tiny(load_config("mlp", arg))
+def test_replicas_match_single_runs(tmp_path, model, arg, seeds, rates, program):
+    config = tiny(load_config(model, arg))
     config.replicas.seeds, config.replicas.learning_rates = seeds, rates
+    config.replicas.program = program
     workdirs = replicas.default_workdirs(config, tmp_path / "vec")
     summaries = replicas.train_replicas(config, workdirs)
     configs = replicas.expand(config)
-    assert len(summaries) == len(configs) == len(seeds) * len(rates)
-    assert [(c.seed, c.optimizer.learning_rate) for c in configs] == [(s, r) for s in seeds for r in rates]
+    assert len(summaries) == len(configs) == len(seeds) * max(1, len(rates))
+    assert [(c.seed, c.optimizer.learning_rate) for c in configs] == [
+        (s, r) for s in seeds for r in rates or (config.optimizer.learning_rate,)]
     assert all(s["status"] == "completed" and s["step"] == 20 for s in summaries)
-    for i in (len(configs) - 1,):  # differs from config in seed and rate
+    # the last (differs from config in seed and rate); for the CNN also the first (in the lax.map)
+    for i in sorted({len(configs) - 1} | ({0} if model == "cnn" else set())):
         single = tmp_path / f"single{i}"
         train.train_and_evaluate(configs[i], single)
         _assert_same_rows(_rows(workdirs[i]), _rows(single))
         assert json.loads((workdirs[i] / "config.json").read_text()) == json.loads((single / "config.json").read_text())
     run = runs.load(workdirs[0])
-    assert run.summary["replica"] == {"index": 0, "count": len(configs), "vectorized": True}
+    expected = program if program != "auto" else ("map" if kernels.kind() == "cpu" else "vmap")
+    assert run.summary["replica"] == {"index": 0, "count": len(configs), "vectorized": True, "program": expected}
     assert {10, 20} <= set(run.metrics["step"])
 
 
@@ -70,6 +76,10 @@ def test_replica_config_errors():
         replicas.validate(config)
     config.replicas.learning_rates = (0.1, -1.0)
     with pytest.raises(Exception, match="learning_rates must be > 0"):
+        replicas.validate(config)
+    config.replicas.learning_rates = (0.1, 0.2)
+    config.replicas.program = "pmap"
+    with pytest.raises(Exception, match=r"replicas.program='pmap'; choose one of: auto, vmap, map"):
         replicas.validate(config)
 
 
