@@ -474,8 +474,9 @@ def test_percentiles_on_a_strided_subsample():
     np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [40, 1000])  # pairwise ranks (n <= PAIRWISE_MAX) and bisection
+@pytest.mark.parametrize("n", [40, 1000])  # pairwise ranks (n * n * 3 <= PAIRWISE_MAX_ELEMENTS) and bisection
 def test_percentiles_with_ties_match_numpy(n):
+    assert (n * n * 3 <= drift.PAIRWISE_MAX_ELEMENTS) == (n == 40)
     a = np.random.default_rng(n).integers(0, 5, size=(n, 3)).astype(np.float32)  # many ties
     got = jax.jit(drift.percentiles)(jnp.asarray(a))
     np.testing.assert_allclose(np.stack(got), np.percentile(a, drift.PERCENTILES, axis=0), rtol=1e-6)

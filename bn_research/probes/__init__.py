@@ -6,8 +6,8 @@ switched on and given a cadence under `config.probes.<name>` (`enabled`, `every`
 means `train.log_every`). A probe runs as one or more parts (drift as two: `parts`), each
 with its cadence: the first step and every step whose row number is a multiple of it. The
 chunk program (`step.make_step_fns`) calls the probe function built by `make_probe_fn` in
-every step for the parts of cadence 1, and only in its probe steps, under a `lax.cond` per
-part, for the others, so the steps between them are the plain training step. Per-step
+every step for the parts of cadence 1, and only in its probe steps, under one `lax.cond`
+per cadence, for the others, so the steps between them are the plain training step. Per-step
 outputs land in the metrics dict as (zeros and an invalid flag where a part did not run)
 
     probes/<name>/valid     bool, True at the part's cadence steps
@@ -96,8 +96,8 @@ class ProbeFn:
     costs more per step on CPU than the measurement itself); `layout(shapes)` says how they
     unpack.
 
-    Parts with cadence 1 run in every step. The others are `periodic`: they run, each under
-    a `lax.cond` on its cadence, only in the steps the chunk program marks as probe steps
+    Parts with cadence 1 run in every step. The others are `periodic`: they run, under one
+    `lax.cond` per cadence, only in the steps the chunk program marks as probe steps
     (`step.make_step_fns`: the first step of a chunk and every step whose row number is a
     multiple of `period`), so that the other steps are the plain training step."""
 
@@ -123,19 +123,26 @@ class ProbeFn:
         info = {"layer_names": common.layer_names(st["params"]), "graphdef": self.graphdef,
                 "schedule": self.schedule}
         results, valid, new_state = {}, {}, {}
+        # parts of one cadence share one `lax.cond` (the default probes all run at
+        # log_every): XLA:CPU pays for every conditional, and one branch fuses across parts
+        by_cadence: dict[int, list[str]] = {}
         for name in (self.cadence if names is None else names):
-            every, _, measure_fn = self.parts[name]
-            pstate = st["probes"][name]
+            by_cadence.setdefault(self.cadence[name], []).append(name)
+        for every, group in by_cadence.items():
+            pstates = {name: st["probes"][name] for name in group}
 
-            def run(measure_fn=measure_fn, pstate=pstate):
-                return measure_fn(self.config, info, ctx, pstate)
+            def run(group=group, pstates=pstates):
+                outs = {name: self.parts[name][2](self.config, info, ctx, pstates[name]) for name in group}
+                return {n: o[0] for n, o in outs.items()}, {n: o[1] for n, o in outs.items()}
 
             if every == 1:
-                valid[name] = np.bool_(True)
-                results[name], new_state[name] = run()
+                flag = np.bool_(True)
+                res, new = run()
             else:
-                valid[name] = common.on_cadence(st["step"], every)
-                results[name], new_state[name] = common.maybe(valid[name], run, pstate)
+                flag = common.on_cadence(st["step"], every)
+                res, new = common.maybe(flag, run, pstates)
+            for name in group:
+                valid[name], results[name], new_state[name] = flag, res[name], new[name]
         return results, valid, new_state
 
     def __call__(self, ctx, periodic: bool = True):
