@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.replicas = ml_collections.ConfigDict()  # vectorized replicas (bn_research.replicas): one program, N runs
     c.replicas.seeds = ()  # one replica per seed, crossed with learning_rates; () = (seed,)
     c.replicas.learning_rates = ()  # one replica per peak rate; () = (optimizer.learning_rate,)
-    c.replicas.program = "auto"  # vmap | map (one replica after another in the program) | auto (kernels.replica_program)
+    c.replicas.program = "auto"  # vmap | map (lax.map over pairs) | auto (kernels.replica_program)
     return c
 
 

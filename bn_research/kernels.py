@@ -219,7 +219,7 @@ def _kernel_grad_plain(x, dy, kh, kw):
     return jnp.stack([jnp.dot(v.reshape(-1, cin).T, dy2) for v in views]).reshape(kh, kw, cin, cout)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_grad_fn(kh, kw):
     """dW of a kh x kw 'SAME' convolution from (x, dy), with a vmap rule like the forward's:
     per-replica kernel gradients one after another instead of batched matmuls."""
@@ -232,8 +232,9 @@ def _kernel_grad_fn(kh, kw):
     def _vmap(axis_size, in_batched, x, dy):
         xb, db = in_batched
         if axis_size > UNROLL_MAX_REPLICAS:
-            return jax.lax.map(lambda xd: kernel_grad(*xd), (x if xb else jnp.broadcast_to(x, (axis_size,) + x.shape),
-                                                               dy if db else jnp.broadcast_to(dy, (axis_size,) + dy.shape))), True
+            xs = x if xb else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            dys = dy if db else jnp.broadcast_to(dy, (axis_size,) + dy.shape)
+            return jax.lax.map(lambda xd: kernel_grad(*xd), (xs, dys)), True
         return jnp.stack([kernel_grad(x[i] if xb else x, dy[i] if db else dy) for i in range(axis_size)]), True
 
     return kernel_grad

@@ -171,8 +171,7 @@ def build(config, dataset=None):
             return jax.vmap(one, in_axes=(axes, 0), out_axes=(axes, 0))(state, lrs)
 
         def group(own, lrs):  # replicas side by side: independent chunks in one program
-            outs = [one(dict(jax.tree_util.tree_map(lambda a: a[j], own), step=state["step"]), lrs[j])
-                    for j in range(lrs.shape[0])]
+            outs = [one(dict(_index(own, j), step=state["step"]), lrs[j]) for j in range(lrs.shape[0])]
             st = _stack([{k: v for k, v in o[0].items() if k != "step"} for o in outs])
             return st, (outs[0][0]["step"], _stack([o[1] for o in outs]))
 
@@ -194,6 +193,11 @@ def build(config, dataset=None):
     return {"configs": configs, "setups": setups, "state": state, "learning_rates": lrs, "program": program,
             "data": setups[0]["data"], "chunk": jax.jit(chunk, static_argnums=(3, 4), donate_argnums=0),
             "evaluate": jax.jit(evaluate)}
+
+
+def _index(tree, i):
+    """Replica i of a stacked (traced) tree."""
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
 def _part(tree, i):
