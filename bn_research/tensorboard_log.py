@@ -50,6 +50,50 @@ def bucketize(rows, buckets: int = BUCKETS):
     return np.stack([left, right, counts.reshape(m, buckets).astype(np.float64)], -1)
 
 
+def _masked_crc(data: bytes) -> int:
+    """The TFRecord checksum: CRC-32C, rotated right by 15 bits plus a constant."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class _EventFile:
+    """A TensorBoard event file (TFRecord framing: length, masked CRC-32C of the length,
+    the serialized `Event`, its masked CRC-32C), written by the caller's thread.
+
+    TensorBoard's own `EventFileWriter` computes the CRC-32C in pure Python on a background
+    thread (~6 ms per 50 KB): with per-unit histograms at every log row that thread took
+    the MLP run's loop from 1.04-1.10 to 1.23 of the time with probes off, on 2 cores. Here
+    the checksum is `google_crc32c`'s C implementation (0.15 ms per MB)."""
+
+    _count = 0
+
+    def __init__(self, logdir: Path):
+        import os
+        import socket
+
+        from tensorboard.compat.proto import event_pb2
+
+        _EventFile._count += 1  # unique per file in this process, as TensorBoard's own names
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{_EventFile._count}"
+        self._file = open(logdir / name, "ab")  # noqa: SIM115 (closed by close())
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event) -> None:
+        import struct
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def tag(key: str, layer_names=()) -> str:
     """The TensorBoard tag of a metrics key: a layer named in the second segment moves first."""
     parts = key.split("/")
@@ -88,9 +132,7 @@ class EventWriter:
     """
 
     def __init__(self, workdir, config_dict: dict | None = None, layer_names=()):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._events = EventFileWriter(str(Path(workdir)))
+        self._events = _EventFile(Path(workdir))
         self.layer_names = frozenset(layer_names)
         self._metadata = {}  # histogram tag -> its plugin metadata
         if config_dict is not None:
@@ -157,5 +199,4 @@ class EventWriter:
         self._events.flush()
 
     def close(self) -> None:
-        self._events.flush()
         self._events.close()

@@ -94,3 +94,31 @@ def test_bucketize_equals_tensorboards_histogram_summary():
         np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12)
     one = tensorboard_log.bucketize(np.array([[7.0]]))[0]
     np.testing.assert_allclose(one, tensor_util.make_ndarray(histogram_pb("t", [7.0]).value[0].tensor))
+
+
+def test_event_file_records_check_against_tensorflows_reader(tmp_path):
+    """The event file's framing and checksums (`google_crc32c`) are read back by
+    TensorFlow's own TFRecord reader, which verifies every CRC-32C, and by TensorBoard's
+    pure-Python checksum."""
+    import struct
+
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    w = tensorboard_log.EventWriter(tmp_path, {"a": 1}, ["dense_0"])
+    w.write(3, {"train/loss": 0.25, "dist/dense_0/x": 1.5})
+    w.histograms(3, {("dense_0", "dist/train/act_in_mean"): np.linspace(-1.0, 2.0, 100)})
+    w.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    events = [event_pb2.Event.FromString(r) for r in records]
+    assert events[0].file_version == "brain.Event:2" and len(events) == 4  # version, hparams, scalars, histograms
+    assert {v.tag: v.simple_value for v in events[2].summary.value} == {"train/loss": 0.25, "dense_0/dist/x": 1.5}
+    raw, at = path.read_bytes(), 0
+    for r in records:
+        header = raw[at:at + 8]
+        assert struct.unpack("<I", raw[at + 8:at + 12])[0] == masked_crc32c(header)
+        assert struct.unpack("<I", raw[at + 12 + len(r):at + 16 + len(r)])[0] == masked_crc32c(r)
+        at += 16 + len(r)
+    assert at == len(raw)
