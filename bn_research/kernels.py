@@ -159,11 +159,22 @@ def _conv_same_vmap(axis_size, in_batched, x, w):
         return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
     if w.shape[3] <= TAPS_MAX_CIN:
         return jax.vmap(_conv_taps, in_axes=(0 if x_batched else None, 0))(x, w), True
+    return _per_replica(_conv_same, axis_size, in_batched, x, w), True
+
+
+def _per_replica(fn, axis_size, in_batched, *args):
+    """fn on each replica's slice of the batched `args` (the others shared), stacked: emitted
+    one after another in the program, or in a `lax.map` loop beyond UNROLL_MAX_REPLICAS."""
     if axis_size > UNROLL_MAX_REPLICAS:
-        if x_batched:
-            return jax.lax.map(lambda xw: _conv_same(*xw), (x, w)), True
-        return jax.lax.map(lambda w_: _conv_same(x, w_), w), True
-    return jnp.stack([_conv_same(x[i] if x_batched else x, w[i]) for i in range(axis_size)]), True
+        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+        def one(sliced):
+            it = iter(sliced)
+            return fn(*(next(it) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        return jax.lax.map(one, mapped)
+    return jnp.stack([fn(*(a[i] if b else a for a, b in zip(args, in_batched, strict=True)))
+                      for i in range(axis_size)])
 
 
 @jax.custom_vjp
@@ -230,12 +241,7 @@ def _kernel_grad_fn(kh, kw):
 
     @kernel_grad.def_vmap
     def _vmap(axis_size, in_batched, x, dy):
-        xb, db = in_batched
-        if axis_size > UNROLL_MAX_REPLICAS:
-            xs = x if xb else jnp.broadcast_to(x, (axis_size,) + x.shape)
-            dys = dy if db else jnp.broadcast_to(dy, (axis_size,) + dy.shape)
-            return jax.lax.map(lambda xd: kernel_grad(*xd), (xs, dys)), True
-        return jnp.stack([kernel_grad(x[i] if xb else x, dy[i] if db else dy) for i in range(axis_size)]), True
+        return _per_replica(kernel_grad, axis_size, in_batched, x, dy), True
 
     return kernel_grad
 
@@ -302,12 +308,8 @@ def normalize_cpu(x, axes, epsilon):
 
 
 def _normalize_fwd(x, axes, epsilon):
-    mean = x.mean(axes, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(jnp.square(xc), axes, keepdims=True)
-    r = jax.lax.rsqrt(var + epsilon)
-    x_hat = xc * r
-    return (x_hat, mean, var), (x_hat, r)
+    x_hat, mean, var = normalize_xla(x, axes, epsilon)
+    return (x_hat, mean, var), (x_hat, jax.lax.rsqrt(var + epsilon))
 
 
 def _normalize_bwd(axes, epsilon, res, cts):

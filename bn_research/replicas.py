@@ -97,7 +97,7 @@ def validate(config) -> None:
         raise config_lib.ConfigError("replicas.seeds and replicas.learning_rates must not repeat values")
     for c in configs:
         config_lib.validate(c)
-    program = (config.get("replicas") or default_config()).get("program", "auto")
+    program = _program_setting(config)
     if program not in PROGRAMS:
         raise config_lib.ConfigError(f"replicas.program={program!r}; choose one of: {', '.join(PROGRAMS)}")
     if config.dataset.get("pipeline", "auto") == "stream":
@@ -117,10 +117,14 @@ def _stack(trees):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _program_setting(config) -> str:
+    return (config.get("replicas") or default_config()).get("program", "auto")
+
+
 def program_for(config, state) -> str:
     """'vmap' or 'map': `replicas.program`, or for 'auto' `kernels.replica_program` of a
     model with convolutions (a 4-d parameter) or without."""
-    chosen = (config.get("replicas") or default_config()).get("program", "auto")
+    chosen = _program_setting(config)
     if chosen != "auto":
         return chosen
     has_conv = any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(state["params"]))

@@ -22,6 +22,9 @@ can be filtered by any config key and compared on their scalars.
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -70,9 +73,6 @@ class _EventFile:
     _count = 0
 
     def __init__(self, logdir: Path):
-        import os
-        import socket
-
         from tensorboard.compat.proto import event_pb2
 
         _EventFile._count += 1  # unique per file in this process, as TensorBoard's own names
@@ -81,8 +81,6 @@ class _EventFile:
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def add_event(self, event) -> None:
-        import struct
-
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         self._file.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
