@@ -2,14 +2,23 @@
 
 XLA:CPU runs a few operations far slower than mathematically equal rewrites of them
 (measured by `benchmarks/run.py`; numbers in the docstrings below). On the CPU backend the
-package uses the rewrites; on every other backend (GPU, TPU) it uses XLA's own operations
+package uses the rewrites, and oneDNN's convolutions through XLA's FFI where they build
+(`bn_research/onednn.py`); on every other backend (GPU, TPU) it uses XLA's own operations
 (cuDNN convolutions, `reduce_window` / `select_and_scatter`, `jax.random.permutation`),
 which were not measured to lose there. `kind()` says which set a process uses (recorded
-in summary.json as `kernels`); `BN_RESEARCH_KERNELS=xla` or `=cpu` overrides the choice.
-tests/test_kernels.py checks that both sets give the same values, gradients and vmaps.
+in summary.json as `kernels`):
+
+    'onednn'  the CPU rewrites, with oneDNN's convolutions (the CPU default where
+              `onednn.available()`)
+    'cpu'     the CPU rewrites, convolutions from XLA's operations (the CPU default
+              where oneDNN is unavailable)
+    'xla'     XLA's own operations (every other backend)
+
+`BN_RESEARCH_KERNELS=onednn|cpu|xla` overrides the choice. tests/test_kernels.py checks
+that the sets give the same values, gradients and vmaps.
 
     conv_same(x, w)                 stride-1 'SAME' NHWC x HWIO convolution (CPU: see
-                                    `conv_same_cpu` for the per-shape choice, measured)
+                                    `conv_same_cpu` / `conv_same_onednn`, measured)
     max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
     normalize(x, axes, eps)         (x - mean) / sqrt(var + eps) over `axes`, with the
                                     mean and the biased variance (batch, layer, group norm)
@@ -27,33 +36,46 @@ import os
 import jax
 import jax.numpy as jnp
 
-KINDS = ("cpu", "xla")
+from bn_research import onednn
+
+KINDS = ("onednn", "cpu", "xla")
+CPU_KINDS = ("onednn", "cpu")
 
 
 def kind() -> str:
-    """'cpu' (the rewrites measured faster on XLA:CPU) or 'xla' (XLA's own operations)."""
+    """'onednn', 'cpu' or 'xla' (see the module's docstring)."""
     forced = os.environ.get("BN_RESEARCH_KERNELS", "")
     if forced:
         if forced not in KINDS:
             raise ValueError(f"BN_RESEARCH_KERNELS={forced!r}; choose one of: {', '.join(KINDS)}")
+        if forced == "onednn" and jax.default_backend() != "cpu":
+            raise ValueError(f"BN_RESEARCH_KERNELS=onednn runs on the CPU backend only (this process uses "
+                             f"{jax.default_backend()}); unset it or choose xla")
+        if forced == "onednn" and not onednn.available():
+            raise ValueError(f"BN_RESEARCH_KERNELS=onednn, but oneDNN is unavailable: {onednn.reason()}")
         return forced
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "onednn" if onednn.available() else "cpu"
 
 
 def conv_same(x, w):
     """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes)."""
-    return conv_same_cpu(x, w) if kind() == "cpu" else conv_same_xla(x, w)
+    k = kind()
+    if k == "onednn":
+        return conv_same_onednn(x, w)
+    return conv_same_cpu(x, w) if k == "cpu" else conv_same_xla(x, w)
 
 
 def max_pool_2x2(h):
     """2x2 max-pooling with stride 2, NHWC, 'VALID' (odd edges dropped)."""
-    return max_pool_2x2_cpu(h) if kind() == "cpu" else max_pool_2x2_xla(h)
+    return max_pool_2x2_cpu(h) if kind() in CPU_KINDS else max_pool_2x2_xla(h)
 
 
 def normalize(x, axes: tuple[int, ...], epsilon: float):
     """(x_hat, mean, var) with mean and biased variance over `axes` (kept as size-1 axes)
     and x_hat = (x - mean) * rsqrt(var + epsilon); differentiable in x through all three."""
-    if kind() == "cpu":
+    if kind() in CPU_KINDS:
         return normalize_cpu(x, tuple(axes), float(epsilon))
     return normalize_xla(x, tuple(axes), float(epsilon))
 
@@ -67,13 +89,13 @@ def replica_program(has_conv: bool) -> str:
     7 interleaved repetitions: map in pairs 37.9, vmap 33.1, the 8 run one after another
     33.4 replica-steps/s). Dense models vectorize well (MLP, 200-step chunks: vmap 2527,
     map in pairs 2343, one after another 2212). Elsewhere 'vmap'."""
-    return "map" if kind() == "cpu" and has_conv else "vmap"
+    return "map" if kind() in CPU_KINDS and has_conv else "vmap"
 
 
 def epoch_permutation(key, epoch, n: int):
     """A uniformly shuffled `arange(n)` for epoch `epoch`, drawn from fold_in(key, epoch).
     The two kinds draw different (equally uniform) permutations from the same key."""
-    if kind() == "cpu":
+    if kind() in CPU_KINDS:
         return epoch_permutation_cpu(key, epoch, n)
     return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
@@ -141,25 +163,26 @@ def _conv_plain(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@jax.custom_batching.custom_vmap
-def _conv_same(x, w):
-    return _conv_plain(x, w)
+def _conv_plain_onednn(x, w):
+    if w.shape[2] <= TAPS_MAX_CIN or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return _conv_plain(x, w)
+    return onednn.conv_forward(x, w)
 
 
-@_conv_same.def_vmap
-def _conv_same_vmap(axis_size, in_batched, x, w):
-    """Under vmap (e.g. replicas): a batch of inputs with one kernel folds into the batch
-    axis; few input channels broadcast over the replica axis (`_conv_taps`); otherwise one
-    convolution per replica, emitted one after another (a `lax.map` loop beyond
-    UNROLL_MAX_REPLICAS), because the grouped convolution that vmap would otherwise emit
-    is ~5x slower on XLA:CPU, and a batched matmul (im2col) ~2x slower."""
-    x_batched, w_batched = in_batched
-    if not w_batched:
-        n, b = x.shape[:2]
-        return _conv_same(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
-    if w.shape[3] <= TAPS_MAX_CIN:
-        return jax.vmap(_conv_taps, in_axes=(0 if x_batched else None, 0))(x, w), True
-    return _per_replica(_conv_same, axis_size, in_batched, x, w), True
+def _kernel_grad_plain(x, dy, kh, kw):
+    cin, cout = x.shape[-1], dy.shape[-1]
+    dy2 = dy.reshape(-1, cout)
+    views = _shifted(x, kh, kw)
+    if cin <= DW_IM2COL_MAX_CIN:
+        # few input channels: one matmul [kh*kw*cin, B*H*W] x [B*H*W, cout] (im2col)
+        return jnp.dot(jnp.concatenate(views, -1).reshape(-1, kh * kw * cin).T, dy2).reshape(kh, kw, cin, cout)
+    return jnp.stack([jnp.dot(v.reshape(-1, cin).T, dy2) for v in views]).reshape(kh, kw, cin, cout)
+
+
+def _kernel_grad_onednn(x, dy, kh, kw):
+    if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
+        return _kernel_grad_plain(x, dy, kh, kw)
+    return onednn.conv_kernel_grad(x, dy, kh, kw)
 
 
 def _per_replica(fn, axis_size, in_batched, *args):
@@ -177,9 +200,77 @@ def _per_replica(fn, axis_size, in_batched, *args):
                       for i in range(axis_size)])
 
 
-@jax.custom_vjp
+def _batched_conv(plain):
+    """`plain(x, w)` with the convolutions' vmap rule. Under vmap (e.g. replicas): a batch of
+    inputs with one kernel folds into the batch axis; few input channels broadcast over the
+    replica axis (`_conv_taps`); otherwise one convolution per replica, emitted one after
+    another (a `lax.map` loop beyond UNROLL_MAX_REPLICAS), because the grouped convolution
+    that vmap would otherwise emit is ~5x slower on XLA:CPU, and a batched matmul (im2col)
+    ~2x slower."""
+
+    @jax.custom_batching.custom_vmap
+    def conv(x, w):
+        return plain(x, w)
+
+    @conv.def_vmap
+    def _vmap(axis_size, in_batched, x, w):
+        x_batched, w_batched = in_batched
+        if not w_batched:
+            n, b = x.shape[:2]
+            return conv(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
+        if w.shape[3] <= TAPS_MAX_CIN:
+            return jax.vmap(_conv_taps, in_axes=(0 if x_batched else None, 0))(x, w), True
+        return _per_replica(conv, axis_size, in_batched, x, w), True
+
+    return conv
+
+
+def _batched_kernel_grad(plain, kh, kw):
+    """dW of a kh x kw 'SAME' convolution from (x, dy), with a vmap rule like the forward's:
+    per-replica kernel gradients one after another instead of batched matmuls."""
+
+    @jax.custom_batching.custom_vmap
+    def kernel_grad(x, dy):
+        return plain(x, dy, kh, kw)
+
+    @kernel_grad.def_vmap
+    def _vmap(axis_size, in_batched, x, dy):
+        return _per_replica(kernel_grad, axis_size, in_batched, x, dy), True
+
+    return kernel_grad
+
+
+def _differentiable_conv(plain, kernel_grad_plain):
+    """A custom_vjp convolution from a forward and a kernel gradient (both with vmap rules):
+    the input gradient is the forward convolution of dy with the flipped, in/out-swapped
+    kernel; the kernel gradient `kernel_grad_plain(x, dy, kh, kw)`."""
+    forward = _batched_conv(plain)
+    kernel_grads = functools.cache(lambda kh, kw: _batched_kernel_grad(kernel_grad_plain, kh, kw))
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return forward(x, w)
+
+    def fwd(x, w):
+        return forward(x, w), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        dw = kernel_grads(w.shape[0], w.shape[1])(x, dy)
+        # dx = dy (*) flip(W)^T: a forward convolution with a plain HWIO kernel.
+        dx = forward(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+        return dx, dw
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
+_conv_cpu = _differentiable_conv(_conv_plain, _kernel_grad_plain)
+_conv_onednn = _differentiable_conv(_conv_plain_onednn, _kernel_grad_onednn)
+
+
 def conv_same_cpu(x, w):
-    """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes).
+    """Stride-1 'SAME' NHWC x HWIO convolution (odd kernel sizes), from XLA's operations.
 
     Forward: XLA's convolution, except for at most TAPS_MAX_CIN input channels (the
     CNN's first layer on grey or RGB images), where it is kh*kw*cin broadcast
@@ -192,8 +283,8 @@ def conv_same_cpu(x, w):
     in/out-swapped kernel, the kernel gradient one matmul per kernel offset,
     dW[a, b] = sum_{n,h,w} x_pad[n, h+a, w+b]^T dy[n, h, w] (one im2col matmul for at
     most DW_IM2COL_MAX_CIN input channels). Under vmap the kernel gradient, like the
-    forward, runs per replica (`_kernel_grad_fn`) instead of as batched matmuls: 8 vmapped
-    replicas of configs/cnn.py 30.0 -> 32.7 replica-steps/s.
+    forward, runs per replica (`_batched_kernel_grad`) instead of as batched matmuls: 8
+    vmapped replicas of configs/cnn.py 30.0 -> 32.7 replica-steps/s.
 
     Measured on the CNN of configs/cnn.py (batch 64, probes off, K=10 steps per chunk,
     7 interleaved repetitions in one process, 2 shared cores at load average ~4.4;
@@ -213,49 +304,14 @@ def conv_same_cpu(x, w):
     than one convolution per replica). XLA_FLAGS --xla_cpu_use_onednn / _use_xnnpack did
     not speed the convolution up either.
     """
-    return _conv_same(x, w)
+    return _conv_cpu(x, w)
 
 
-def _conv_same_fwd(x, w):
-    return _conv_same(x, w), (x, w)
-
-
-def _kernel_grad_plain(x, dy, kh, kw):
-    cin, cout = x.shape[-1], dy.shape[-1]
-    dy2 = dy.reshape(-1, cout)
-    views = _shifted(x, kh, kw)
-    if cin <= DW_IM2COL_MAX_CIN:
-        # few input channels: one matmul [kh*kw*cin, B*H*W] x [B*H*W, cout] (im2col)
-        return jnp.dot(jnp.concatenate(views, -1).reshape(-1, kh * kw * cin).T, dy2).reshape(kh, kw, cin, cout)
-    return jnp.stack([jnp.dot(v.reshape(-1, cin).T, dy2) for v in views]).reshape(kh, kw, cin, cout)
-
-
-@functools.cache
-def _kernel_grad_fn(kh, kw):
-    """dW of a kh x kw 'SAME' convolution from (x, dy), with a vmap rule like the forward's:
-    per-replica kernel gradients one after another instead of batched matmuls."""
-
-    @jax.custom_batching.custom_vmap
-    def kernel_grad(x, dy):
-        return _kernel_grad_plain(x, dy, kh, kw)
-
-    @kernel_grad.def_vmap
-    def _vmap(axis_size, in_batched, x, dy):
-        return _per_replica(kernel_grad, axis_size, in_batched, x, dy), True
-
-    return kernel_grad
-
-
-def _conv_same_bwd(res, dy):
-    x, w = res
-    kh, kw, cin, cout = w.shape
-    dw = _kernel_grad_fn(kh, kw)(x, dy)
-    # dx = dy (*) flip(W)^T: a forward convolution with a plain HWIO kernel.
-    dx = _conv_same(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-    return dx, dw
-
-
-conv_same_cpu.defvjp(_conv_same_fwd, _conv_same_bwd)
+def conv_same_onednn(x, w):
+    """`conv_same_cpu` with oneDNN's convolutions (`bn_research/onednn.py`) for the forward
+    pass, the input gradient and the kernel gradient of float32 layers with more than
+    TAPS_MAX_CIN input channels (the first layer's forward keeps `_conv_taps`)."""
+    return _conv_onednn(x, w)
 
 
 def _windows_2x2(h):

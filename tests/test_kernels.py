@@ -1,13 +1,32 @@
-"""The XLA:CPU rewrites in bn_research/kernels.py equal XLA's own operations: values,
-gradients (the hand-written VJPs against autodiff of the XLA op) and vmap rules (against
-XLA's own vmap of its operation), so the backend choice changes speed only."""
+"""The XLA:CPU rewrites in bn_research/kernels.py, and its oneDNN convolutions, equal XLA's
+own operations: values, gradients (the hand-written VJPs against autodiff of the XLA op)
+and vmap rules (against XLA's own vmap of its operation), so the backend choice changes
+speed only."""
+
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_research import kernels
+from bn_research import kernels, onednn
+
+# The CPU convolutions: XLA's operations rewritten, and oneDNN's through the FFI.
+CPU_CONVS = {"cpu": kernels.conv_same_cpu, "onednn": kernels.conv_same_onednn}
+
+
+def _conv(impl):
+    if impl == "onednn" and not onednn.available():
+        pytest.skip(f"oneDNN unavailable: {onednn.reason()}")
+    return CPU_CONVS[impl]
+
+
+def _usable_kinds():
+    """Every kernel set this machine can run (oneDNN needs its wheels and a compiler:
+    `test_onednn_builds_where_its_wheels_exist` insists on it where the wheels exist)."""
+    return [k for k in kernels.KINDS if k != "onednn" or onednn.available()]
 
 
 def _xw(key, b=3, h=7, w=6, cin=4, cout=5, k=3):
@@ -58,17 +77,19 @@ def test_normalize_values_and_gradients_match_autodiff(shape, axes, uses):
                                jax.vmap(jax.grad(loss(kernels.normalize_xla)))(xs), rtol=1e-5, atol=2e-5 * scale)
 
 
+@pytest.mark.parametrize("impl", CPU_CONVS)
 @pytest.mark.parametrize("shape", CONV_SHAPES)
-def test_conv_values_and_gradients_match_xla(shape):
+def test_conv_values_and_gradients_match_xla(shape, impl):
+    conv = _conv(impl)
     b, h, w, cin, cout, k = shape
     x, w = _xw(jax.random.key(sum(shape)), b, h, w, cin, cout, k)
-    np.testing.assert_allclose(kernels.conv_same_cpu(x, w), kernels.conv_same_xla(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(conv)(x, w), kernels.conv_same_xla(x, w), rtol=1e-5, atol=1e-5)
     dy = jax.random.normal(jax.random.key(9), kernels.conv_same_xla(x, w).shape)
 
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * dy)
 
-    gx_cpu, gw_cpu = jax.grad(loss(kernels.conv_same_cpu), (0, 1))(x, w)
+    gx_cpu, gw_cpu = jax.jit(jax.grad(loss(conv), (0, 1)))(x, w)
     gx_xla, gw_xla = jax.grad(loss(kernels.conv_same_xla), (0, 1))(x, w)
     np.testing.assert_allclose(gx_cpu, gx_xla, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gw_cpu, gw_xla, rtol=1e-4, atol=1e-4)
@@ -77,7 +98,8 @@ def test_conv_values_and_gradients_match_xla(shape):
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "lax_map"])
 @pytest.mark.parametrize("shape", [(3, 7, 6, 4, 5, 3), (2, 5, 7, 1, 3, 3), (2, 5, 7, 4, 3, 5), (2, 5, 7, 3, 2, 1)])
 @pytest.mark.parametrize("batched", [(True, False), (True, True), (False, True)])
-def test_conv_vmap_rule_matches_xla_vmap(batched, shape, unroll, monkeypatch):
+@pytest.mark.parametrize("impl", CPU_CONVS)
+def test_conv_vmap_rule_matches_xla_vmap(impl, batched, shape, unroll, monkeypatch):
     """The custom vmap rule (replicas fold into the batch, broadcast through the elementwise
     form, or run one convolution each: unrolled, or in a lax.map loop) against XLA's own
     vmap of its convolution, values and gradients under vmap."""
@@ -89,21 +111,23 @@ def test_conv_vmap_rule_matches_xla_vmap(batched, shape, unroll, monkeypatch):
     x_in = jnp.stack(xs) if batched[0] else xs[0]
     w_in = jnp.stack(ws) if batched[1] else ws[0]
     axes = tuple(0 if b else None for b in batched)
-    out = jax.vmap(kernels.conv_same_cpu, in_axes=axes)(x_in, w_in)
+    conv = _conv(impl)
+    out = jax.vmap(conv, in_axes=axes)(x_in, w_in)
     ref = jax.vmap(kernels.conv_same_xla, in_axes=axes)(x_in, w_in)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # and its gradient under vmap (replicas differentiate through it)
-    g = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_cpu(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
+    g = jax.vmap(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
     g_ref = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernels.conv_same_xla(x, w) ** 2), (0, 1)), in_axes=axes)(x_in, w_in)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-def test_conv_vmap_of_vmap_matches_xla():
+@pytest.mark.parametrize("impl", CPU_CONVS)
+def test_conv_vmap_of_vmap_matches_xla(impl):
     """Nested vmap (e.g. replicas of a per-example map): the rule applies level by level."""
     xs = jax.random.normal(jax.random.key(0), (2, 3, 2, 5, 6, 4))
     ws = jax.random.normal(jax.random.key(1), (2, 3, 3, 3, 4, 5))
-    f = jax.vmap(jax.vmap(kernels.conv_same_cpu, in_axes=(0, 0)), in_axes=(0, 0))
+    f = jax.vmap(jax.vmap(_conv(impl), in_axes=(0, 0)), in_axes=(0, 0))
     f_ref = jax.vmap(jax.vmap(kernels.conv_same_xla, in_axes=(0, 0)), in_axes=(0, 0))
     np.testing.assert_allclose(f(xs, ws), f_ref(xs, ws), rtol=1e-5, atol=1e-5)
 
@@ -121,7 +145,7 @@ def test_max_pool_values_and_gradients_match_xla(shape):
 
 def test_both_permutations_are_uniform_permutations(monkeypatch):
     n, epochs = 8, 2000
-    for kind in kernels.KINDS:
+    for kind in _usable_kinds():
         monkeypatch.setenv("BN_RESEARCH_KERNELS", kind)
         perms = np.stack([np.asarray(kernels.epoch_permutation(jax.random.key(0), e, n)) for e in range(epochs)])
         assert (np.sort(perms, 1) == np.arange(n)).all(), kind
@@ -131,12 +155,41 @@ def test_both_permutations_are_uniform_permutations(monkeypatch):
 
 def test_kind_follows_the_backend_and_the_override(monkeypatch):
     monkeypatch.delenv("BN_RESEARCH_KERNELS", raising=False)
-    assert kernels.kind() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    expected = ("onednn" if onednn.available() else "cpu") if jax.default_backend() == "cpu" else "xla"
+    assert kernels.kind() == expected
     monkeypatch.setenv("BN_RESEARCH_KERNELS", "xla")
     assert kernels.kind() == "xla"
     monkeypatch.setenv("BN_RESEARCH_KERNELS", "tpu_magic")
-    with pytest.raises(ValueError, match="choose one of: cpu, xla"):
+    with pytest.raises(ValueError, match="choose one of: onednn, cpu, xla"):
         kernels.kind()
+    # without oneDNN the CPU default is the XLA rewrites, and forcing oneDNN says why not
+    monkeypatch.setattr(onednn, "_load", lambda: (None, "no C++ compiler on PATH (install g++, or set CXX)"))
+    monkeypatch.setenv("BN_RESEARCH_KERNELS", "onednn")
+    with pytest.raises(ValueError, match="oneDNN is unavailable: no C.. compiler on PATH"):
+        kernels.kind()
+    monkeypatch.delenv("BN_RESEARCH_KERNELS")
+    assert kernels.kind() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+                    reason="the oneDNN wheels are pinned for Linux x86_64")
+def test_onednn_builds_where_its_wheels_exist():
+    """`make install` brings the pinned oneDNN wheels and the compiler is on the machine, so
+    the CPU default here is oneDNN's convolutions (a silent fallback would hide a slowdown)."""
+    assert onednn.available(), onednn.reason()
+    assert "avx" in onednn.implementation("kernel_grad", (8, 14, 14, 16), (3, 3, 16, 32))
+
+
+def test_onednn_build_failure_is_one_line_naming_the_cause(monkeypatch, tmp_path):
+    monkeypatch.setenv("BN_RESEARCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        with pytest.raises(OSError, match="pinned for Linux x86_64"):
+            onednn._build()
+        return
+    with pytest.raises(OSError, match="compiling native/onednn_conv.cc failed"):
+        onednn._build()
+    assert list(tmp_path.iterdir()) == []  # no partial library left in the cache
 
 
 def test_cnn_trains_the_same_with_either_kernel_set(monkeypatch):
@@ -151,7 +204,7 @@ def test_cnn_trains_the_same_with_either_kernel_set(monkeypatch):
         c.probes[p].enabled = False
     monkeypatch.setattr(kernels, "epoch_permutation", kernels.epoch_permutation_cpu)
     losses = {}
-    for kind in kernels.KINDS:
+    for kind in _usable_kinds():
         monkeypatch.setenv("BN_RESEARCH_KERNELS", kind)
         s = train.setup(c)
         fns = s["fns"]
@@ -159,3 +212,5 @@ def test_cnn_trains_the_same_with_either_kernel_set(monkeypatch):
         losses[kind] = np.asarray(metrics["loss"])
     assert losses["cpu"].shape == (6,) and np.isfinite(losses["cpu"]).all()
     np.testing.assert_allclose(losses["cpu"], losses["xla"], rtol=1e-4)
+    if "onednn" in losses:
+        np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)

@@ -1,0 +1,200 @@
+// Stride-1 'SAME' NHWC x HWIO convolutions through oneDNN, as XLA FFI handlers:
+//   BnConvForward(x[N,H,W,Ci], w[KH,KW,Ci,Co])        -> y[N,H,W,Co]
+//   BnConvInputGrad(dy[N,H,W,Co], w[KH,KW,Ci,Co])     -> dx[N,H,W,Ci]
+//   BnConvKernelGrad(x[N,H,W,Ci], dy[N,H,W,Co])       -> dw[KH,KW,Ci,Co] (KH, KW from dw)
+// Built and loaded by bn_research/onednn.py, which also holds the reasons for this file.
+// Activations stay in the caller's NHWC layout; weights are reordered between HWIO and
+// the layout oneDNN's implementation chooses (tiny). One plan (primitive and reorders)
+// per shape, cached; scratch memory is per calling thread, so XLA may run several calls
+// at once.
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+enum Kind { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+struct Plan {
+  dnnl::primitive prim;
+  memory::desc act_a, act_b;  // the NHWC activations: (x, y) forward, (dy, dx) input grad, (x, dy) kernel grad
+  memory::desc wei_user, wei_prim;
+  dnnl::reorder wei_reorder;  // HWIO -> primitive's layout (kernel grad: the other way)
+  bool reorder = false;
+  size_t scratch_bytes = 0;
+  std::string info;
+};
+
+dnnl::engine& engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+struct ThreadBuffer {  // grows, 64-byte aligned, one per thread and use
+  void* p = nullptr;
+  size_t n = 0;
+  void* get(size_t bytes) {
+    if (bytes > n) {
+      std::free(p);
+      n = (bytes + 4095) / 4096 * 4096;
+      p = std::aligned_alloc(64, n);
+    }
+    return p;
+  }
+  ~ThreadBuffer() { std::free(p); }
+};
+thread_local ThreadBuffer scratch_buffer, weight_buffer;
+
+std::shared_ptr<Plan> make_plan(const Key& key) {
+  auto [kind, n, h, w, ci, co, kh, kw] = key;
+  auto& eng = engine();
+  memory::dims strides{1, 1}, pad{kh / 2, kw / 2};
+  auto src = memory::desc({n, ci, h, w}, dt::f32, tag::nhwc);
+  auto dst = memory::desc({n, co, h, w}, dt::f32, tag::nhwc);
+  auto wei_any = memory::desc({co, ci, kh, kw}, dt::f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto fwd = dnnl::convolution_forward::primitive_desc(eng, dnnl::prop_kind::forward_training,
+                                                       dnnl::algorithm::convolution_direct, src, wei_any, dst,
+                                                       strides, pad, pad, attr);
+  auto plan = std::make_shared<Plan>();
+  plan->wei_user = memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio);
+  if (kind == kForward) {
+    plan->prim = dnnl::convolution_forward(fwd);
+    plan->wei_prim = fwd.weights_desc();
+    plan->act_a = src;
+    plan->act_b = dst;
+    plan->scratch_bytes = fwd.scratchpad_desc().get_size();
+    plan->info = fwd.impl_info_str();
+  } else if (kind == kInputGrad) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(eng, dnnl::algorithm::convolution_direct, src,
+                                                              wei_any, dst, strides, pad, pad, fwd, attr);
+    plan->prim = dnnl::convolution_backward_data(pd);
+    plan->wei_prim = pd.weights_desc();
+    plan->act_a = dst;
+    plan->act_b = src;
+    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+    plan->info = pd.impl_info_str();
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(eng, dnnl::algorithm::convolution_direct, src,
+                                                                 wei_any, dst, strides, pad, pad, fwd, attr);
+    plan->prim = dnnl::convolution_backward_weights(pd);
+    plan->wei_prim = pd.diff_weights_desc();
+    plan->act_a = src;
+    plan->act_b = dst;
+    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+    plan->info = pd.impl_info_str();
+  }
+  plan->reorder = plan->wei_prim != plan->wei_user;
+  if (plan->reorder) {
+    plan->wei_reorder = kind == kKernelGrad
+                            ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->wei_prim, eng, plan->wei_user))
+                            : dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->wei_user, eng, plan->wei_prim));
+    plan->info += " (weights reordered)";
+  }
+  return plan;
+}
+
+std::mutex plans_mutex;
+std::map<Key, std::shared_ptr<Plan>> plans;
+
+std::shared_ptr<Plan> plan_for(const Key& key) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  auto it = plans.find(key);
+  if (it != plans.end()) return it->second;
+  auto plan = make_plan(key);
+  plans.emplace(key, plan);
+  return plan;
+}
+
+ffi::Error run(const Key& key, void* a, void* b, void* out) {
+  try {
+    int kind = std::get<0>(key);
+    auto plan = plan_for(key);
+    auto& eng = engine();
+    thread_local dnnl::stream stream(engine());
+    memory scratch(memory::desc({static_cast<memory::dim>(plan->scratch_bytes)}, dt::u8, tag::a), eng,
+                   scratch_buffer.get(plan->scratch_bytes + 64));
+    memory wei_user(plan->wei_user, eng, kind == kKernelGrad ? out : b);
+    memory wei = wei_user;
+    if (plan->reorder) {
+      wei = memory(plan->wei_prim, eng, weight_buffer.get(plan->wei_prim.get_size() + 64));
+      if (kind != kKernelGrad) plan->wei_reorder.execute(stream, wei_user, wei);
+    }
+    if (kind == kForward) {
+      memory x(plan->act_a, eng, a), y(plan->act_b, eng, out);
+      plan->prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, y},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else if (kind == kInputGrad) {
+      memory dy(plan->act_a, eng, a), dx(plan->act_b, eng, out);
+      plan->prim.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, dx},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      memory x(plan->act_a, eng, a), dy(plan->act_b, eng, b);
+      plan->prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, wei},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (plan->reorder) plan->wei_reorder.execute(stream, wei, wei_user);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+
+ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  return run({kForward, xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1]}, x.untyped_data(), w.untyped_data(),
+             y->untyped_data());
+}
+
+ffi::Error InputGrad(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx) {
+  auto d = dy.dimensions();
+  auto wd = w.dimensions();
+  return run({kInputGrad, d[0], d[1], d[2], wd[2], wd[3], wd[0], wd[1]}, dy.untyped_data(), w.untyped_data(),
+             dx->untyped_data());
+}
+
+ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw) {
+  auto xd = x.dimensions();
+  auto wd = dw->dimensions();
+  return run({kKernelGrad, xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1]}, x.untyped_data(), dy.untyped_data(),
+             dw->untyped_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvForward, Forward,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvInputGrad, InputGrad,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
+
+// The implementation oneDNN chose for one call (kind 0/1/2 as above), for the run summary.
+extern "C" const char* bn_conv_impl(int kind, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t kh,
+                                    int64_t kw) {
+  thread_local std::string info;
+  try {
+    info = plan_for({kind, n, h, w, ci, co, kh, kw})->info;
+  } catch (const dnnl::error& e) {
+    info = std::string("error: ") + e.what();
+  }
+  return info.c_str();
+}
