@@ -45,7 +45,7 @@ def test_replicas_match_single_runs(tmp_path, model, arg, seeds, rates, program)
         _assert_same_rows(_rows(workdirs[i]), _rows(single))
         assert json.loads((workdirs[i] / "config.json").read_text()) == json.loads((single / "config.json").read_text())
     run = runs.load(workdirs[0])
-    expected = program if program != "auto" else ("map" if kernels.kind() == "cpu" else "vmap")
+    expected = program if program != "auto" else ("map" if kernels.kind() in kernels.CPU_KINDS else "vmap")
     assert run.summary["replica"] == {"index": 0, "count": len(configs), "vectorized": True, "program": expected}
     assert {10, 20} <= set(run.metrics["step"])
 
