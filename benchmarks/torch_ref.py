@@ -107,3 +107,39 @@ class Loop:
         for _ in range(num_steps):
             loss = self.step()
         return float(loss.detach())
+
+
+def serve(conn, kind, config_dict, compiled, steps):
+    """A PyTorch peer in its own process (`benchmarks/run.py`): loads the config's dataset
+    (through `bn_research.data`, as the framework does), builds the loop, warms it up
+    (compiles), answers ('ready', None) or ('error', line); then each 'run' message with
+    the steps/s of `steps` more steps, until anything else or a closed pipe."""
+    import time
+
+    import ml_collections
+
+    from bn_research import data
+
+    try:
+        config = ml_collections.ConfigDict(config_dict)
+        ds = data.load(config.dataset)
+        loop = Loop(kind, config, np.asarray(ds.train["x"]), np.asarray(ds.train["y"]), ds.output_dim,
+                    compiled=compiled)
+        loss = loop.run(5)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"warm-up loss is {loss}")
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        conn.send(("error", f"{type(e).__name__}: {first}"[:200]))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg != "run":
+            return
+        t = time.perf_counter()
+        loop.run(steps)
+        conn.send(steps / (time.perf_counter() - t))
