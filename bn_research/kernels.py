@@ -200,10 +200,11 @@ def _per_replica(fn, axis_size, in_batched, *args):
                       for i in range(axis_size)])
 
 
-def _batched_conv(plain):
+def _batched_conv(plain, vectorized: bool):
     """`plain(x, w)` with the convolutions' vmap rule. Under vmap (e.g. replicas): a batch of
     inputs with one kernel folds into the batch axis; few input channels broadcast over the
-    replica axis (`_conv_taps`); otherwise one convolution per replica, emitted one after
+    replica axis (`_conv_taps`); with `vectorized` (oneDNN: one FFI call takes every
+    replica), `plain` vmapped; otherwise one convolution per replica, emitted one after
     another (a `lax.map` loop beyond UNROLL_MAX_REPLICAS), because the grouped convolution
     that vmap would otherwise emit is ~5x slower on XLA:CPU, and a batched matmul (im2col)
     ~2x slower."""
@@ -220,14 +221,17 @@ def _batched_conv(plain):
             return conv(x.reshape((n * b,) + x.shape[2:]), w).reshape((n, b) + x.shape[2:-1] + w.shape[-1:]), True
         if w.shape[3] <= TAPS_MAX_CIN:
             return jax.vmap(_conv_taps, in_axes=(0 if x_batched else None, 0))(x, w), True
+        if vectorized:
+            return jax.vmap(plain, in_axes=(0 if x_batched else None, 0))(x, w), True
         return _per_replica(conv, axis_size, in_batched, x, w), True
 
     return conv
 
 
-def _batched_kernel_grad(plain, kh, kw):
+def _batched_kernel_grad(plain, kh, kw, vectorized: bool):
     """dW of a kh x kw 'SAME' convolution from (x, dy), with a vmap rule like the forward's:
-    per-replica kernel gradients one after another instead of batched matmuls."""
+    per-replica kernel gradients one after another instead of batched matmuls (with
+    `vectorized`, `plain` vmapped)."""
 
     @jax.custom_batching.custom_vmap
     def kernel_grad(x, dy):
@@ -235,17 +239,20 @@ def _batched_kernel_grad(plain, kh, kw):
 
     @kernel_grad.def_vmap
     def _vmap(axis_size, in_batched, x, dy):
+        if vectorized:
+            axes = tuple(0 if b else None for b in in_batched)
+            return jax.vmap(lambda x, dy: plain(x, dy, kh, kw), in_axes=axes)(x, dy), True
         return _per_replica(kernel_grad, axis_size, in_batched, x, dy), True
 
     return kernel_grad
 
 
-def _differentiable_conv(plain, kernel_grad_plain):
+def _differentiable_conv(plain, kernel_grad_plain, vectorized: bool):
     """A custom_vjp convolution from a forward and a kernel gradient (both with vmap rules):
     the input gradient is the forward convolution of dy with the flipped, in/out-swapped
     kernel; the kernel gradient `kernel_grad_plain(x, dy, kh, kw)`."""
-    forward = _batched_conv(plain)
-    kernel_grads = functools.cache(lambda kh, kw: _batched_kernel_grad(kernel_grad_plain, kh, kw))
+    forward = _batched_conv(plain, vectorized)
+    kernel_grads = functools.cache(lambda kh, kw: _batched_kernel_grad(kernel_grad_plain, kh, kw, vectorized))
 
     @jax.custom_vjp
     def conv(x, w):
@@ -265,8 +272,8 @@ def _differentiable_conv(plain, kernel_grad_plain):
     return conv
 
 
-_conv_cpu = _differentiable_conv(_conv_plain, _kernel_grad_plain)
-_conv_onednn = _differentiable_conv(_conv_plain_onednn, _kernel_grad_onednn)
+_conv_cpu = _differentiable_conv(_conv_plain, _kernel_grad_plain, vectorized=False)
+_conv_onednn = _differentiable_conv(_conv_plain_onednn, _kernel_grad_onednn, vectorized=True)
 
 
 def conv_same_cpu(x, w):

@@ -3,8 +3,11 @@
 XLA:CPU runs one CNN training step on about one of the machine's cores, and its
 convolution kernel gradients are slow at this project's shapes (16-32 channels, 28x28 and
 14x14 images); oneDNN's (the library behind PyTorch's CPU convolutions) use every core.
-`native/onednn_conv.cc` wraps oneDNN's forward, input-gradient and kernel-gradient
-convolutions (stride 1, 'SAME', NHWC x HWIO, float32) as three FFI handlers. It is
+`native/onednn_conv.cc` wraps oneDNN's forward and kernel-gradient convolutions (stride
+1, 'SAME', NHWC x HWIO, float32) as two FFI handlers; the input gradient is the forward
+convolution with the flipped kernel (`kernels._differentiable_conv`). Under `jax.vmap`
+every operand carries the replica axis and one call runs the replicas one after another
+(`vmap_method="broadcast_all"`), so vmapped replicas need no per-replica slices. It is
 compiled on first use with the machine's C++ compiler against the headers of the pinned
 `onednn-devel-cpu-gomp` package and JAX's FFI headers, and cached per environment
 (`$BN_RESEARCH_CACHE`, else `$XDG_CACHE_HOME/bn_research`, else `~/.cache/bn_research`).
@@ -16,7 +19,6 @@ case `kernels.kind()` falls back to XLA's own operations. `bn_research/kernels.p
 which convolutions use these functions; tests/test_kernels.py checks them against XLA's.
 
     conv_forward(x, w)              y = x (*) w
-    conv_input_grad(dy, w)          dx of the forward's cotangent dy
     conv_kernel_grad(x, dy, kh, kw) dw of the forward's cotangent dy
     implementation(kind, x_shape, w_shape)  the oneDNN implementation chosen, e.g.
                                     'brgconv:avx512_core'
@@ -40,8 +42,8 @@ import jax
 
 SOURCE = "native/onednn_conv.cc"
 RUNTIME, HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
-TARGETS = {"forward": "BnConvForward", "input_grad": "BnConvInputGrad", "kernel_grad": "BnConvKernelGrad"}
-KINDS = ("forward", "input_grad", "kernel_grad")
+TARGETS = {"forward": "BnConvForward", "kernel_grad": "BnConvKernelGrad"}
+KINDS = ("forward", "", "kernel_grad")  # the handlers' kind numbers (0, 2)
 
 
 def available() -> bool:
@@ -55,20 +57,17 @@ def reason() -> str:
 
 
 def conv_forward(x, w):
-    return jax.ffi.ffi_call(_target("forward"), jax.ShapeDtypeStruct(x.shape[:-1] + w.shape[-1:], x.dtype))(x, w)
-
-
-def conv_input_grad(dy, w):
-    return jax.ffi.ffi_call(_target("input_grad"), jax.ShapeDtypeStruct(dy.shape[:-1] + w.shape[2:3], dy.dtype))(dy, w)
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + w.shape[-1:], x.dtype)
+    return jax.ffi.ffi_call(_target("forward"), out, vmap_method="broadcast_all")(x, w)
 
 
 def conv_kernel_grad(x, dy, kh: int, kw: int):
-    shape = (kh, kw, x.shape[-1], dy.shape[-1])
-    return jax.ffi.ffi_call(_target("kernel_grad"), jax.ShapeDtypeStruct(shape, x.dtype))(x, dy)
+    out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_target("kernel_grad"), out, vmap_method="broadcast_all")(x, dy)
 
 
 def implementation(kind: str, x_shape, w_shape) -> str:
-    """The oneDNN implementation used for `kind` (one of KINDS) at these shapes."""
+    """The oneDNN implementation used for `kind` ('forward' or 'kernel_grad') at these shapes."""
     lib = _load()[0]
     if lib is None:
         return ""

@@ -1,7 +1,7 @@
 // Stride-1 'SAME' NHWC x HWIO convolutions through oneDNN, as XLA FFI handlers:
 //   BnConvForward(x[N,H,W,Ci], w[KH,KW,Ci,Co])        -> y[N,H,W,Co]
-//   BnConvInputGrad(dy[N,H,W,Co], w[KH,KW,Ci,Co])     -> dx[N,H,W,Ci]
 //   BnConvKernelGrad(x[N,H,W,Ci], dy[N,H,W,Co])       -> dw[KH,KW,Ci,Co] (KH, KW from dw)
+// each also with leading replica axes on every operand (vmapped replicas: one call).
 // Built and loaded by bn_research/onednn.py, which also holds the reasons for this file.
 // Activations stay in the caller's NHWC layout; weights are reordered between HWIO and
 // the layout oneDNN's implementation chooses (tiny). One plan (primitive and reorders)
@@ -25,12 +25,12 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-enum Kind { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+enum Kind { kForward = 0, kKernelGrad = 2 };  // as in onednn.py's KINDS
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 struct Plan {
   dnnl::primitive prim;
-  memory::desc act_a, act_b;  // the NHWC activations: (x, y) forward, (dy, dx) input grad, (x, dy) kernel grad
+  memory::desc act_a, act_b;  // the NHWC activations: (x, y) forward, (x, dy) kernel grad
   memory::desc wei_user, wei_prim;
   dnnl::reorder wei_reorder;  // HWIO -> primitive's layout (kernel grad: the other way)
   bool reorder = false;
@@ -79,15 +79,6 @@ std::shared_ptr<Plan> make_plan(const Key& key) {
     plan->act_b = dst;
     plan->scratch_bytes = fwd.scratchpad_desc().get_size();
     plan->info = fwd.impl_info_str();
-  } else if (kind == kInputGrad) {
-    auto pd = dnnl::convolution_backward_data::primitive_desc(eng, dnnl::algorithm::convolution_direct, src,
-                                                              wei_any, dst, strides, pad, pad, fwd, attr);
-    plan->prim = dnnl::convolution_backward_data(pd);
-    plan->wei_prim = pd.weights_desc();
-    plan->act_a = dst;
-    plan->act_b = src;
-    plan->scratch_bytes = pd.scratchpad_desc().get_size();
-    plan->info = pd.impl_info_str();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(eng, dnnl::algorithm::convolution_direct, src,
                                                                  wei_any, dst, strides, pad, pad, fwd, attr);
@@ -138,10 +129,6 @@ ffi::Error run(const Key& key, void* a, void* b, void* out) {
       memory x(plan->act_a, eng, a), y(plan->act_b, eng, out);
       plan->prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, y},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (kind == kInputGrad) {
-      memory dy(plan->act_a, eng, a), dx(plan->act_b, eng, out);
-      plan->prim.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, dx},
-                                  {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
       memory x(plan->act_a, eng, a), dy(plan->act_b, eng, b);
       plan->prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, wei},
@@ -157,37 +144,47 @@ ffi::Error run(const Key& key, void* a, void* b, void* out) {
 
 using F32 = ffi::Buffer<ffi::F32>;
 
-ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  return run({kForward, xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1]}, x.untyped_data(), w.untyped_data(),
-             y->untyped_data());
+// Axes before the last four of every operand are replica axes (the same for all three
+// operands): one convolution per replica, on its slice of each buffer.
+ffi::Error per_replica(int kind, ffi::Span<const int64_t> a_dims, ffi::Span<const int64_t> w_dims, void* a,
+                       void* b, void* out) {
+  size_t r = a_dims.size() - 4;
+  int64_t replicas = 1;
+  for (size_t i = 0; i < r; ++i) replicas *= a_dims[i];
+  int64_t n = a_dims[r], h = a_dims[r + 1], w = a_dims[r + 2], kh = w_dims[r], kw = w_dims[r + 1];
+  int64_t ci = w_dims[r + 2], co = w_dims[r + 3];
+  int64_t size_in = n * h * w * ci, size_out = n * h * w * co;
+  int64_t size_w = kh * kw * ci * co;
+  // (a, b, out): (x, w, y) forward, (x, dy, dw) kernel grad
+  int64_t size_b = kind == kKernelGrad ? size_out : size_w, size_o = kind == kKernelGrad ? size_w : size_out;
+  auto* pa = static_cast<float*>(a);
+  auto* pb = static_cast<float*>(b);
+  auto* po = static_cast<float*>(out);
+  for (int64_t i = 0; i < replicas; ++i) {
+    auto err = run({kind, n, h, w, ci, co, kh, kw}, pa + i * size_in, pb + i * size_b, po + i * size_o);
+    if (!err.success()) return err;
+  }
+  return ffi::Error::Success();
 }
 
-ffi::Error InputGrad(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx) {
-  auto d = dy.dimensions();
-  auto wd = w.dimensions();
-  return run({kInputGrad, d[0], d[1], d[2], wd[2], wd[3], wd[0], wd[1]}, dy.untyped_data(), w.untyped_data(),
-             dx->untyped_data());
+ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y) {
+  return per_replica(kForward, x.dimensions(), w.dimensions(), x.untyped_data(), w.untyped_data(),
+                     y->untyped_data());
 }
 
 ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw) {
-  auto xd = x.dimensions();
-  auto wd = dw->dimensions();
-  return run({kKernelGrad, xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1]}, x.untyped_data(), dy.untyped_data(),
-             dw->untyped_data());
+  return per_replica(kKernelGrad, x.dimensions(), dw->dimensions(), x.untyped_data(), dy.untyped_data(),
+                     dw->untyped_data());
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvForward, Forward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvInputGrad, InputGrad,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvKernelGrad, KernelGrad,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
 
-// The implementation oneDNN chose for one call (kind 0/1/2 as above), for the run summary.
+// The implementation oneDNN chose for one call (kind 0 forward, 2 kernel gradient).
 extern "C" const char* bn_conv_impl(int kind, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t kh,
                                     int64_t kw) {
   thread_local std::string info;
