@@ -20,6 +20,8 @@ which convolutions use these functions; tests/test_kernels.py checks them agains
 
     conv_forward(x, w)              y = x (*) w
     conv_kernel_grad(x, dy, kh, kw) dw of the forward's cotangent dy
+    order_statistics(a, ranks)      exact per-column order statistics (not oneDNN: the
+                                    same library; used by the drift probe's percentiles)
     implementation(kind, x_shape, w_shape)  the oneDNN implementation chosen, e.g.
                                     'brgconv:avx512_core'
 """
@@ -39,10 +41,11 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 
 SOURCE = "native/onednn_conv.cc"
 RUNTIME, HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
-TARGETS = {"forward": "BnConvForward", "kernel_grad": "BnConvKernelGrad"}
+TARGETS = {"forward": "BnConvForward", "kernel_grad": "BnConvKernelGrad", "order_statistics": "BnOrderStatistics"}
 KINDS = ("forward", "", "kernel_grad")  # the handlers' kind numbers (0, 2)
 
 
@@ -64,6 +67,17 @@ def conv_forward(x, w):
 def conv_kernel_grad(x, dy, kh: int, kw: int):
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), x.dtype)
     return jax.ffi.ffi_call(_target("kernel_grad"), out, vmap_method="broadcast_all")(x, dy)
+
+
+def order_statistics(a, ranks):
+    """([K, U], [K, U]): the ranks[k]-th and (ranks[k] + 1)-th smallest values (0-based;
+    the last value when ranks[k] + 1 = N) of every column of a float32 [N, U] array, in
+    the order of the float32 bit patterns (-0 < +0), exactly as
+    `probes.drift.order_statistics` with `successors=True`; `ranks` increasing."""
+    k, u = len(ranks), a.shape[-1]
+    out = jax.ShapeDtypeStruct(a.shape[:-2] + (k, u), a.dtype)
+    call = jax.ffi.ffi_call(_target("order_statistics"), (out, out), vmap_method="broadcast_all")
+    return call(a, ranks=np.asarray(ranks, np.int32))
 
 
 def implementation(kind: str, x_shape, w_shape) -> str:
@@ -112,7 +126,7 @@ def _build() -> pathlib.Path:
         raise OSError("no C++ compiler on PATH (install g++, or set CXX)")
     source = importlib.resources.files("bn_research").joinpath(SOURCE).read_bytes()
     include = [str(header.parents[2]), jax.ffi.include_dir()]
-    command = [compiler, "-O2", "-std=c++17", "-fPIC", "-shared", "-w", *(f"-I{d}" for d in include),
+    command = [compiler, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w", *(f"-I{d}" for d in include),
                "-x", "c++", "-", "-x", "none", str(library), f"-Wl,-rpath,{library.parent}"]
     digest = hashlib.sha256(source + "\0".join(command).encode() + jax.__version__.encode()).hexdigest()[:16]
     target = cache_dir() / f"onednn_conv-{digest}.so"

@@ -1,14 +1,21 @@
 // Stride-1 'SAME' NHWC x HWIO convolutions through oneDNN, as XLA FFI handlers:
 //   BnConvForward(x[N,H,W,Ci], w[KH,KW,Ci,Co])        -> y[N,H,W,Co]
 //   BnConvKernelGrad(x[N,H,W,Ci], dy[N,H,W,Co])       -> dw[KH,KW,Ci,Co] (KH, KW from dw)
-// each also with leading replica axes on every operand (vmapped replicas: one call).
+// each also with leading replica axes on every operand (vmapped replicas: one call), and
+//   BnOrderStatistics(a[..., N, U]; ranks[K]) -> low[..., K, U], next[..., K, U]
+// the ranks[k]-th and (ranks[k] + 1)-th smallest values of every column, exactly (the
+// order of the float32 bit patterns that drift.order_statistics bisects on), by
+// std::nth_element, columns spread over the cores; it does not use oneDNN.
 // Built and loaded by bn_research/onednn.py, which also holds the reasons for this file.
 // Activations stay in the caller's NHWC layout; weights are reordered between HWIO and
 // the layout oneDNN's implementation chooses (tiny). One plan (primitive and reorders)
 // per shape, cached; scratch memory is per calling thread, so XLA may run several calls
 // at once.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <vector>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -177,12 +184,68 @@ ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw) {
                      dw->untyped_data());
 }
 
+// ---- order statistics ------------------------------------------------------------------
+
+inline uint32_t sort_key(float v) {
+  uint32_t i;
+  std::memcpy(&i, &v, 4);
+  return (i >> 31) ? ~i : (i | 0x80000000u);
+}
+
+inline float from_key(uint32_t k) {
+  uint32_t i = (k >> 31) ? (k & 0x7FFFFFFFu) : ~k;
+  float v;
+  std::memcpy(&v, &i, 4);
+  return v;
+}
+
+ffi::Error OrderStatistics(F32 a, ffi::Span<const int32_t> ranks, ffi::ResultBuffer<ffi::F32> low,
+                           ffi::ResultBuffer<ffi::F32> next) {
+  auto d = a.dimensions();
+  if (d.size() < 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "order statistics of a [..., N, U] array");
+  int64_t n = d[d.size() - 2], u = d[d.size() - 1], k = ranks.size();
+  int64_t batches = n * u ? a.element_count() / (n * u) : 0;
+  for (int64_t r = 0; r < k; ++r)
+    if (ranks[r] < 0 || ranks[r] >= n || (r && ranks[r] <= ranks[r - 1]))
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ranks must increase within [0, N)");
+  const float* src = a.typed_data();
+  float* lo = low->typed_data();
+  float* nx = next->typed_data();
+#pragma omp parallel
+  {
+    std::vector<uint32_t> keys(n);
+#pragma omp for schedule(static)
+    for (int64_t col = 0; col < batches * u; ++col) {
+      int64_t b = col / u, j = col % u;
+      const float* column = src + b * n * u + j;
+      for (int64_t i = 0; i < n; ++i) keys[i] = sort_key(column[i * u]);
+      int64_t start = 0;
+      for (int64_t r = 0; r < k; ++r) {
+        auto at = keys.begin() + ranks[r];
+        std::nth_element(keys.begin() + start, at, keys.end());
+        uint32_t after = ranks[r] + 1 < n ? *std::min_element(at + 1, keys.end()) : *at;
+        lo[(b * k + r) * u + j] = from_key(*at);
+        nx[(b * k + r) * u + j] = from_key(after);
+        start = ranks[r] + 1;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvForward, Forward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnConvKernelGrad, KernelGrad,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnOrderStatistics, OrderStatistics,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Attr<ffi::Span<const int32_t>>("ranks")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // The implementation oneDNN chose for one call (kind 0 forward, 2 kernel gradient).
 extern "C" const char* bn_conv_impl(int kind, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t kh,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bn_research import kernels, onednn
 from bn_research.probes import common
 
 PERCENTILES = (15.0, 50.0, 85.0)
@@ -110,7 +111,10 @@ def percentiles(a, max_samples: int = 0):
         rank = jnp.sum(less | tie, axis=1)  # [N, U]
         stats = {r: jnp.sum(jnp.where(rank == r, a, 0.0), axis=0) for r in ranks}
     else:
-        low, nxt = order_statistics(a, lows, successors=True)  # ranks r and r + 1: one bisection
+        if kernels.kind() == "onednn" and a.dtype == jnp.float32:
+            low, nxt = onednn.order_statistics(a, lows)  # the same values by selection (native code)
+        else:
+            low, nxt = order_statistics(a, lows, successors=True)  # ranks r and r + 1: one bisection
         stats = {r: low[i] for i, r in enumerate(lows)}
         stats.update({r + 1: nxt[i] for i, r in enumerate(lows) if r + 1 < n and r + 1 not in stats})
     out = []
