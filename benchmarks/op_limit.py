@@ -3,7 +3,8 @@
 `collect(fn, *args)` traces `fn` (`jax.make_jaxpr`), drops the equations whose results
 are never used (JAX's dead-code elimination, as XLA would), and walks the jaxpr and every
 sub-jaxpr (pjit, scan, while, cond, custom_jvp/custom_vjp/custom_vmap calls, ...) for the
-`dot_general` and `conv_general_dilated` equations, each with its operand shapes and
+`dot_general` and `conv_general_dilated` equations (and the package's oneDNN convolution
+FFI calls, `onednn_conv`), each with its operand shapes and
 dtypes and its exact parameters. A scan body counts `length` times; a `while` body once
 (its trip count is unknown when tracing); of a `cond` the branch with the most FLOPs.
 
@@ -26,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PRIMITIVES = ("dot_general", "conv_general_dilated")
+PRIMITIVES = ("dot_general", "conv_general_dilated", "onednn_conv")
+# the package's oneDNN convolutions (`bn_research/onednn.py`): FFI calls, counted as convolutions
+ONEDNN_CONV_TARGETS = ("bn_research_forward", "bn_research_kernel_grad")
 
 
 @dataclasses.dataclass
@@ -39,11 +42,16 @@ class Op:
 
     @property
     def name(self):
-        return self.primitive.name
+        return "onednn_conv" if self.primitive.name == "ffi_call" else self.primitive.name
 
     def flops(self) -> float:
         """2 x multiply-adds of one run (the output size times the contracted size)."""
         lhs, rhs = self.shapes
+        if self.name == "onednn_conv":  # x [..., N, H, W, Ci] with w [..., KH, KW, Ci, Co] or dy [..., Co]
+            out = tuple(self.params["result_avals"][0].shape)
+            kh, kw, co = (rhs[-4], rhs[-3], rhs[-1]) if self.params["target_name"].endswith("forward") else \
+                (out[-4], out[-3], out[-1])
+            return 2.0 * math.prod(lhs) * kh * kw * co
         if self.name == "dot_general":
             (lc, _), (lb, _) = self.params["dimension_numbers"]
             batch = math.prod(lhs[d] for d in lb)
@@ -107,7 +115,7 @@ def _walk(jaxpr, mult: int, notes: list) -> list:
     ops = []
     for e in jaxpr.eqns:
         name = e.primitive.name
-        if name in PRIMITIVES:
+        if name in PRIMITIVES or (name == "ffi_call" and e.params.get("target_name") in ONEDNN_CONV_TARGETS):
             ops.append(Op(e.primitive, tuple(tuple(v.aval.shape) for v in e.invars),
                           tuple(np.dtype(v.aval.dtype) for v in e.invars), dict(e.params), mult))
             continue
@@ -156,7 +164,9 @@ def program(ops, iters: int, seed: int = 0):
     def body(_, carry):
         xs, total = jax.lax.optimization_barrier(carry)
         for op, args in zip(runs, xs, strict=True):
-            total = total + jnp.sum(op.primitive.bind(*args, **op.params)).astype(jnp.float32)
+            out = op.primitive.bind(*args, **op.params)
+            out = out[0] if op.primitive.multiple_results else out  # an FFI call returns a list
+            total = total + jnp.sum(out).astype(jnp.float32)
         return xs, total
 
     @jax.jit
@@ -175,5 +185,5 @@ def hlo_counts(compiled) -> dict:
     convs = len(re.findall(r"= [^=\n]*\bconvolution\(", text))
     custom = re.findall(r'custom_call_target="([^"]+)"', text)
     dots += sum(1 for t in custom if "matmul" in t.lower() or "gemm" in t.lower())
-    convs += sum(1 for t in custom if "conv" in t.lower())
+    convs += sum(1 for t in custom if "conv" in t.lower() or t in ONEDNN_CONV_TARGETS)
     return {"dot": dots, "conv": convs}

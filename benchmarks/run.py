@@ -263,9 +263,14 @@ def limit_note(info, rate_own, analytic_flops) -> str:
         shapes[op.describe()] = shapes.get(op.describe(), 0) + op.count  # scan bodies count `length` times
     listed = "; ".join(f"{n}x {d}" if n > 1 else d for d, n in shapes.items())
     note = (f"traced train_step holds {c['dot_general']} dot_general + {c['conv_general_dilated']} "
-            f"conv_general_dilated ({found.flops() / 1e6:.1f} MFLOP/step; after dropping "
+            f"conv_general_dilated + {c['onednn_conv']} oneDNN convolution calls ({found.flops() / 1e6:.1f} "
+            f"MFLOP/step; after dropping "
             f"{found.eqns_dead} dead equations), run alone they reach {found.flops() * rate_own / 1e9:.1f} GFLOP/s; "
             f"XLA kept {kept['dot']} dots and {kept['conv']} convolutions of them")
+    if kernels.kind() == "onednn" and c["onednn_conv"]:
+        note += ("; kernels.kind()='onednn': forward and kernel-gradient convolutions are oneDNN FFI calls, "
+                 "input gradients forward convolutions with the flipped kernel, the first layer's forward "
+                 "elementwise multiply-adds (bn_research/kernels.py)")
     if kernels.kind() == "cpu" and c["conv_general_dilated"]:
         note += ("; kernels.kind()='cpu': the package writes parts of its convolutions (weight gradients, "
                  "small-channel cases) as dot_generals (bn_research/kernels.py), so the ops counted are those "

@@ -5,7 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def op_limit_primitives():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import op_limit
+
+    return op_limit.PRIMITIVES
 
 
 def test_out_that_is_a_file_fails_before_the_run(tmp_path):
@@ -41,7 +50,7 @@ def test_quick_torch_and_limit_rows_without_torch(tmp_path):
         lim = rows[f"{kind} train step / its own dot+conv ops alone (time ratio)"]
         assert lim["section"] == f"{kind}: limit" and lim["ratio"] > 0
         assert lim["a"]["median"] > 0 and lim["b"]["median"] > 0
-        assert lim["ops"] and {op["op"] for op in lim["ops"]} <= {"dot_general", "conv_general_dilated"}
+        assert lim["ops"] and {op["op"] for op in lim["ops"]} <= set(op_limit_primitives())
         assert "XLA kept" in lim["note"]
     # the MLP's traced matmuls are exactly the analytic count (forward, weight and input gradients)
     mlp = rows["mlp train step / its own dot+conv ops alone (time ratio)"]
@@ -75,10 +84,33 @@ def test_op_limit_collects_through_sub_jaxprs_and_keeps_every_op():
 
     x, w, k = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((1, 1, 5, 5))
     found = op_limit.collect(step, x, w, k)
-    assert found.counts() == {"dot_general": 6, "conv_general_dilated": 1}
+    assert found.counts() == {"dot_general": 6, "conv_general_dilated": 1, "onednn_conv": 0}
     assert any("cond" in n for n in found.notes)
     assert found.flops() == 5 * 2 * 4 * 8 * 8 + 2 * 8 * 4 * 8 + 2 * 25 * 25
     fn, operands = op_limit.program(found.ops, 2)
     compiled = fn.lower(operands).compile()
     assert op_limit.hlo_counts(compiled) == {"dot": 6, "conv": 1}
+    assert jnp.isfinite(compiled(operands))
+
+
+def test_op_limit_counts_the_onednn_convolutions():
+    """The CPU's oneDNN convolutions are FFI calls: counted (forward and kernel gradient),
+    with their FLOPs, and run again alone."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+    import op_limit
+
+    from bn_research import kernels, onednn
+
+    if not onednn.available():
+        pytest.skip(f"oneDNN unavailable: {onednn.reason()}")
+    x, w = jnp.ones((2, 6, 5, 4)), jnp.ones((3, 3, 4, 8))
+    # the loss and its kernel gradient: forward + kernel gradient (the input gradient is dead)
+    found = op_limit.collect(jax.value_and_grad(lambda w: kernels.conv_same_onednn(x, w).sum()), w)
+    assert found.counts() == {"dot_general": 0, "conv_general_dilated": 0, "onednn_conv": 2}
+    assert found.flops() == 2 * (2 * 2 * 6 * 5 * 4 * 8 * 9)
+    fn, operands = op_limit.program(found.ops, 2)
+    compiled = fn.lower(operands).compile()
+    assert op_limit.hlo_counts(compiled) == {"dot": 0, "conv": 2}
     assert jnp.isfinite(compiled(operands))
