@@ -82,13 +82,17 @@ def normalize(x, axes: tuple[int, ...], epsilon: float):
 
 def replica_program(has_conv: bool) -> str:
     """How N replicas of one model share a compiled chunk: 'vmap' (vectorized) or 'map'
-    (`lax.map` over small groups of replicas, `replicas.MAP_GROUP`). On XLA:CPU a model
-    with convolutions runs faster as 'map': a single CNN step keeps about one of the cores
-    busy, two independent replicas' chunks keep both, while vmapped convolutions need
-    per-replica copies of the activations (8 replicas of configs/cnn.py, 10-step chunks,
-    7 interleaved repetitions: map in pairs 37.9, vmap 33.1, the 8 run one after another
-    33.4 replica-steps/s). Dense models vectorize well (MLP, 200-step chunks: vmap 2527,
-    map in pairs 2343, one after another 2212). Elsewhere 'vmap'."""
+    (`lax.map` over small groups of replicas, `replicas.MAP_GROUP`). On the CPU a model
+    with convolutions runs faster as 'map': vmapped, every elementwise operation and
+    reduction works on all replicas' activations at once, which no longer fit the
+    caches. 8 replicas of configs/cnn.py, 10-step chunks, 5 interleaved repetitions, in
+    replica-steps/s: with oneDNN's convolutions map in pairs 76.8, one replica per map
+    step 73.4, vmap 59.7 (one FFI call for all replicas' convolutions; 48.8 with a call
+    per replica), the 8 run one after another 77.6; with XLA's convolutions (kind 'cpu',
+    where a step keeps about one core busy and two replicas' chunks side by side keep
+    both) map in pairs 37.9, vmap 33.1, one after another 33.4. Dense models vectorize
+    well (MLP, 200-step chunks: vmap 2527, map in pairs 2343, one after another 2212).
+    Elsewhere 'vmap'."""
     return "map" if kind() in CPU_KINDS and has_conv else "vmap"
 
 
@@ -315,9 +319,21 @@ def conv_same_cpu(x, w):
 
 
 def conv_same_onednn(x, w):
-    """`conv_same_cpu` with oneDNN's convolutions (`bn_research/onednn.py`) for the forward
-    pass, the input gradient and the kernel gradient of float32 layers with more than
-    TAPS_MAX_CIN input channels (the first layer's forward keeps `_conv_taps`)."""
+    """`conv_same_cpu` with oneDNN's convolutions (`bn_research/onednn.py`, every core) for
+    the forward pass, the input gradient (the forward convolution with the flipped kernel)
+    and the kernel gradient of float32 layers; the forward pass of layers with at most
+    TAPS_MAX_CIN input channels keeps `_conv_taps` (oneDNN there: no difference measured).
+
+    configs/cnn.py (batch norm, probes off, 50-step chunks, alternating processes): 26.5
+    -> 13.4 ms per step against `conv_same_cpu`. Per call, 64 x 28 x 28, 16 -> 16
+    channels: forward 1.13 ms (XLA 1.78), kernel gradient 1.17 (per-offset matmuls 4.08);
+    at 14 x 14 XLA's forward (YNNPACK) is faster alone (0.42 vs 0.66 ms for 16 -> 32), but
+    the step with XLA's 14 x 14 forwards was slower (15.7-16.7 vs 13.3-14.3 ms).
+    Tried and not kept: oneDNN's batch normalization for `normalize` (CNN step 12.4 ->
+    13.6-14.5 ms, MLP 0.40 -> 0.84 ms: a call's fixed cost, and XLA fuses the statistics
+    with their neighbours), oneDNN's matmul for dense layers (60 x 784 x 100: 91 vs 93 us
+    forward, 61 vs 139 us kernel gradient), native per-column moments for the drift probe
+    (drift every step 1.21 -> 1.75 of probes off: the FFI call breaks XLA's fusions)."""
     return _conv_onednn(x, w)
 
 
