@@ -3,7 +3,7 @@ pair, global average pool) on the embedded MNIST digits, ReLU, SGD with momentum
 
     bn-research train --config configs/cnn.py:norm=batch --workdir runs/cnn_bn
 
-Runtime: about 40 s on a 2-core CPU for the default 1,000 steps (probes at their
+Runtime: about 21 s on a 2-core CPU for the default 1,000 steps (72 steps/s, probes at their
 default cadence). Expected result: 97.8% test accuracy with batch norm.
 Argument keys: norm, depth, width, activation, dataset, steps, lr, seed (or any dotted key).
 """
