@@ -79,22 +79,21 @@ std::shared_ptr<Plan> make_plan(const Key& key) {
                                                        strides, pad, pad, attr);
   auto plan = std::make_shared<Plan>();
   plan->wei_user = memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio);
+  plan->act_a = src;
+  plan->act_b = dst;
+  auto finish = [&plan](const auto& pd, const memory::desc& weights) {
+    plan->wei_prim = weights;
+    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+    plan->info = pd.impl_info_str();
+  };
   if (kind == kForward) {
     plan->prim = dnnl::convolution_forward(fwd);
-    plan->wei_prim = fwd.weights_desc();
-    plan->act_a = src;
-    plan->act_b = dst;
-    plan->scratch_bytes = fwd.scratchpad_desc().get_size();
-    plan->info = fwd.impl_info_str();
+    finish(fwd, fwd.weights_desc());
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(eng, dnnl::algorithm::convolution_direct, src,
                                                                  wei_any, dst, strides, pad, pad, fwd, attr);
     plan->prim = dnnl::convolution_backward_weights(pd);
-    plan->wei_prim = pd.diff_weights_desc();
-    plan->act_a = src;
-    plan->act_b = dst;
-    plan->scratch_bytes = pd.scratchpad_desc().get_size();
-    plan->info = pd.impl_info_str();
+    finish(pd, pd.diff_weights_desc());
   }
   plan->reorder = plan->wei_prim != plan->wei_user;
   if (plan->reorder) {
