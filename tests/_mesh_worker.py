@@ -55,6 +55,13 @@ def main(task, out):
             shutil.rmtree(w / "checkpoints" / "40")
             (w / rundir.SUMMARY).unlink()
         res["resume4"] = run_resume(config(), out / "resume4")
+    elif task == "cnn":  # the CPU's native kernels (oneDNN convolutions, percentiles) on a mesh
+        c = load_config("cnn", "norm=batch,width=8")
+        c.train.num_steps, c.train.log_every, c.train.eval_every, c.train.batch_size = 20, 10, 20, 32
+        for data in (4, 1):
+            c.mesh.data = data
+            summary = train.train_and_evaluate(c, out / f"cnn{data}", overwrite=True)
+            res[f"cnn{data}"] = {k: summary.get(k) for k in ("status", "mesh", "kernels", "final")}
     elif task == "one":
         res["global"] = run(config(**{"mesh.data": 1}), out / "global1")
         res["virtual"] = run(config(**{"norm.stats": "virtual", "norm.virtual_batch_size": 16, "mesh.data": 1}),

@@ -64,3 +64,19 @@ def test_checkpoint_from_four_devices_resumes_on_four_and_on_one(results):
         assert r["summary"]["status"] == "completed" and r["summary"]["resumed_at"] == [20]
         np.testing.assert_allclose(r["params"], full["params"], rtol=1e-4, atol=1e-5)
         assert r["summary"]["final"]["eval/loss"] == pytest.approx(full["summary"]["final"]["eval/loss"], rel=1e-4)
+
+
+def test_cnn_with_the_cpu_kernels_on_four_devices_matches_one(tmp_path):
+    """The CPU's FFI kernels (oneDNN convolutions, the drift percentiles) inside a step
+    whose batch is sharded over 4 devices: the same metrics as on one device."""
+    res = _worker("cnn", tmp_path, 4)
+    four, one = res["cnn4"], res["cnn1"]
+    assert four["status"] == one["status"] == "completed"
+    assert four["mesh"] == {"data": 4} and one["mesh"] == {"data": 1}
+    assert four["kernels"] == one["kernels"]
+    for k in ("train/loss", "eval/loss", "eval/accuracy"):
+        assert four["final"][k] == pytest.approx(one["final"][k], rel=1e-4), k
+    dist = [k for k in one["final"] if k.startswith("dist/") and "_p50" in k]  # the drift percentiles
+    assert dist
+    for k in dist:
+        assert four["final"][k] == pytest.approx(one["final"][k], rel=1e-3, abs=1e-5), k
