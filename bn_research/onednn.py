@@ -14,8 +14,8 @@ compiled on first use with the machine's C++ compiler against the headers of the
 
 Nothing happens at import. `available()` builds, loads and registers the handlers once
 per process (a few seconds the first time on a machine, then a cache hit), and says False
-with `reason()` when any step fails (no wheel for the platform, no compiler), in which
-case `kernels.kind()` falls back to XLA's own operations. `bn_research/kernels.py` decides
+with `reason()` when any step fails (no wheel for the platform, no compiler, an unwritable
+cache), in which case `kernels.kind()` falls back to 'cpu' (XLA rewrites only). `bn_research/kernels.py` decides
 which convolutions use these functions; tests/test_kernels.py checks them against XLA's.
 
     conv_forward(x, w)              y = x (*) w
