@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn_research import onednn
+
 PRIMITIVES = ("dot_general", "conv_general_dilated", "onednn_conv")
 # the package's oneDNN convolutions (`bn_research/onednn.py`): FFI calls, counted as convolutions
-ONEDNN_CONV_TARGETS = ("bn_research_forward", "bn_research_kernel_grad")
+ONEDNN_CONV_TARGETS = onednn.CONV_TARGETS
 
 
 @dataclasses.dataclass

@@ -15,8 +15,9 @@ compiled on first use with the machine's C++ compiler against the headers of the
 Nothing happens at import. `available()` builds, loads and registers the handlers once
 per process (a few seconds the first time on a machine, then a cache hit), and says False
 with `reason()` when any step fails (no wheel for the platform, no compiler, an unwritable
-cache), in which case `kernels.kind()` falls back to 'cpu' (XLA rewrites only). `bn_research/kernels.py` decides
-which convolutions use these functions; tests/test_kernels.py checks them against XLA's.
+cache), in which case `kernels.kind()` falls back to 'cpu' (XLA rewrites only).
+`bn_research/kernels.py` decides which convolutions use these functions;
+tests/test_kernels.py checks them against XLA's.
 
     conv_forward(x, w)              y = x (*) w
     conv_kernel_grad(x, dy, kh, kw) dw of the forward's cotangent dy
@@ -45,8 +46,16 @@ import numpy as np
 
 SOURCE = "native/onednn_conv.cc"
 RUNTIME, HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
-TARGETS = {"forward": "BnConvForward", "kernel_grad": "BnConvKernelGrad", "order_statistics": "BnOrderStatistics"}
-KINDS = ("forward", "", "kernel_grad")  # the handlers' kind numbers (0, 2)
+HANDLERS = {"forward": "BnConvForward", "kernel_grad": "BnConvKernelGrad", "order_statistics": "BnOrderStatistics"}
+CONV_KINDS = ("forward", "kernel_grad")  # the convolution handlers' kind numbers in the C++ source (0, 1)
+
+
+def target_name(kind: str) -> str:
+    """The FFI target registered for a handler of HANDLERS."""
+    return f"bn_research_{kind}"
+
+
+CONV_TARGETS = tuple(target_name(k) for k in CONV_KINDS)
 
 
 def available() -> bool:
@@ -87,13 +96,13 @@ def implementation(kind: str, x_shape, w_shape) -> str:
         return ""
     n, h, w, ci = x_shape
     kh, kw, _, co = w_shape
-    return lib.bn_conv_impl(KINDS.index(kind), n, h, w, ci, co, kh, kw).decode()
+    return lib.bn_conv_impl(CONV_KINDS.index(kind), n, h, w, ci, co, kh, kw).decode()
 
 
 def _target(kind: str) -> str:
     if not available():
         raise RuntimeError(f"oneDNN convolutions are unavailable: {reason()}")
-    return f"bn_research_{kind}"
+    return target_name(kind)
 
 
 def cache_dir() -> pathlib.Path:
@@ -155,6 +164,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, str(e)
     lib.bn_conv_impl.restype = ctypes.c_char_p
     lib.bn_conv_impl.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 7
-    for kind, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(f"bn_research_{kind}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    for kind, symbol in HANDLERS.items():
+        jax.ffi.register_ffi_target(target_name(kind), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib, ""

@@ -32,7 +32,7 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-enum Kind { kForward = 0, kKernelGrad = 2 };  // as in onednn.py's KINDS
+enum Kind { kForward = 0, kKernelGrad = 1 };  // as in onednn.py's CONV_KINDS
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 struct Plan {
@@ -246,7 +246,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnOrderStatistics, OrderStatistics,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The implementation oneDNN chose for one call (kind 0 forward, 2 kernel gradient).
+// The implementation oneDNN chose for one call (kind 0 forward, 1 kernel gradient).
 extern "C" const char* bn_conv_impl(int kind, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t kh,
                                     int64_t kw) {
   thread_local std::string info;
