@@ -101,16 +101,39 @@ class BatchNorm(nnx.Module):
         return y, mean.reshape(x.shape[-1:]), var.reshape(x.shape[-1:])
 
     def __call__(self, x, *, train: bool, rng=None):
+        return self._forward(x, train)[0]
+
+    def with_moments(self, x, *, train: bool, rng=None):
+        return self._forward(x, train)
+
+    def _forward(self, x, train):
+        """(y, moments): the output and, when this step's batch gives them, the per-unit
+        [mean, biased variance] of the input (`moments["in"]`, [2, F]) and of the output
+        (`moments["out"]`) over every axis but the feature axis, from the statistics the
+        layer computes anyway (the drift probe reads them instead of reducing the
+        activations again). Given in training over the whole batch: the input's are the
+        batch statistics; the output's follow from them, mean beta and variance gamma^2 *
+        var / (var + eps), which are the moments of gamma * x_hat + beta in exact
+        arithmetic. With ghost batches (virtual_batch_size) the batch statistics are the
+        groups' averages, not the batch's moments, and `moments` is empty."""
+        moments = {}
         if train:
             y, mean, var = self._normalize_train(x)
             m = self.momentum
             self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
             self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+            if not (self.virtual_batch_size and self.virtual_batch_size < x.shape[0]):
+                out_var = var / (var + self.epsilon)
+                out_mean = jnp.zeros_like(mean)
+                if self.affine:
+                    out_var = out_var * jnp.square(self.scale.value)
+                    out_mean = out_mean + self.bias.value
+                moments = {"in": jnp.stack([mean, var]), "out": jnp.stack([out_mean, out_var])}
         else:
             y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
         if self.affine:
             y = y * self.scale.value + self.bias.value
-        return y
+        return y, moments
 
 
 R_SIGMA_READINGS = ("std", "variance")
@@ -172,6 +195,10 @@ class NoisyBatchNorm(BatchNorm):
         super().__init__(num_features, cfg, rngs=rngs)
         self.noise = NoiseSpec.from_config(cfg)
         self.after_affine = bool(cfg.noise_after_affine)
+
+    def with_moments(self, x, *, train: bool, rng=None):
+        """(y, {}): the noise moves the output's moments away from batch norm's."""
+        return self(x, train=train, rng=rng), {}
 
     def __call__(self, x, *, train: bool, rng=None):
         if not train:

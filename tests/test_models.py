@@ -61,9 +61,12 @@ def test_build_every_model_with_every_norm(name, norm):
     names = [f"{prefix}_{i}" for i in range(config.model.depth)]
     assert list(aux) == names
     assert model.layer_names() == names
+    known = {"norm_in_moments", "act_in_moments"} if norm == "batch" else set()
     for i, layer_name in enumerate(names):
-        assert set(aux[layer_name]) == {"norm_in", "act_in"}
-        for value in aux[layer_name].values():
+        assert set(aux[layer_name]) == {"norm_in", "act_in"} | known
+        for key in known:
+            assert aux[layer_name][key].shape == (2, aux[layer_name]["act_in"].shape[-1])
+        for value in (aux[layer_name]["norm_in"], aux[layer_name]["act_in"]):
             if name == "cnn":
                 assert value.ndim == 4 and value.shape[0] == 6
                 assert value.shape[-1] == config.model.width * 2 ** (i // 2)
@@ -108,6 +111,50 @@ def test_placement_aux_semantics(placement, norm):
             np.testing.assert_allclose(np.asarray(aux[layer_name]["norm_in"]), u, **TOL)
             h = layer.norm(u, train=True, rng=rng)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref.head(h)), **TOL)
+
+
+def _brute_moments(x):
+    """[2, U] mean and biased variance over all axes but the last, in float64."""
+    x = _num(x).reshape(-1, x.shape[-1])
+    return np.stack([x.mean(0), ((x - x.mean(0)) ** 2).mean(0)])
+
+
+@pytest.mark.parametrize("name,placement", [("mlp", "before"), ("cnn", "before"), ("mlp", "after")])
+def test_batch_norm_moments_in_aux_equal_the_activations_moments(name, placement):
+    """The moments batch norm hands to the probes (its batch statistics, and the output's
+    derived from them) are those of the aux arrays themselves, with gamma and beta away
+    from 1 and 0; with 'after' only the norm input's are given (the act input is the
+    pre-norm z)."""
+    config = _config(name, "batch", "tanh", depth=2, placement=placement)
+    input_shape = CNN_INPUT if name == "cnn" else MLP_INPUT
+    model = models.build(config, input_shape, OUTPUT_DIM, seed=3)
+    rng = np.random.default_rng(4)
+    for layer_name in model.layer_names():
+        norm = model.layers[layer_name].norm
+        norm.scale.value = jnp.asarray(rng.uniform(0.3, 2.0, norm.scale.value.shape), jnp.float32)
+        norm.bias.value = jnp.asarray(rng.normal(0.0, 1.0, norm.bias.value.shape), jnp.float32)
+    _, aux = model(_x(input_shape, seed=5), train=True, rng=jax.random.key(0))
+    for layer_name in model.layer_names():
+        a = aux[layer_name]
+        np.testing.assert_allclose(_num(a["norm_in_moments"]), _brute_moments(a["norm_in"]), rtol=1e-5, atol=1e-6)
+        if placement == "before":
+            np.testing.assert_allclose(_num(a["act_in_moments"]), _brute_moments(a["act_in"]), rtol=1e-4, atol=1e-5)
+        else:
+            assert "act_in_moments" not in a
+
+
+@pytest.mark.parametrize("norm,opts", [("batch", {"virtual_batch_size": 3}), ("noisy_batch", {}),
+                                       ("layer", {}), ("none", {})])
+def test_no_moments_in_aux_where_the_normalizer_does_not_have_them(norm, opts):
+    """Ghost batches (statistics of groups), noise (moves the output) and normalizers
+    without batch statistics leave the moments to the probes."""
+    config = _config("mlp", norm, "tanh", depth=2, **opts)
+    model = models.build(config, MLP_INPUT, OUTPUT_DIM, seed=3)
+    _, aux = model(_x(MLP_INPUT), train=True, rng=jax.random.key(0))
+    for layer_name in model.layer_names():
+        assert set(aux[layer_name]) == {"norm_in", "act_in"}
+    _, aux = model(_x(MLP_INPUT), train=False)
+    assert all(set(aux[n]) == {"norm_in", "act_in"} for n in model.layer_names())
 
 
 def test_residual_mlp_composition():

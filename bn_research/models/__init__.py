@@ -4,7 +4,9 @@ Every model is an NNX module whose hidden layers sit in an `nnx.Dict` under stab
 names (`dense_0`, `conv_3`, ...; the output layer is `head`). A call
 `model(x, train=..., rng=...)` returns `(output, aux)`, where `aux[layer]` holds the
 layer's normalization input (`norm_in`) and nonlinearity input (`act_in`) for the
-probes; under `jax.jit` whatever the caller does not use is compiled away.
+probes, and, where the normalizer computed them anyway (batch norm in training), their
+per-unit [mean, variance] as `norm_in_moments` / `act_in_moments` ([2, units]); under
+`jax.jit` whatever the caller does not use is compiled away.
 
 With `model.scan_layers` the MLP's hidden layers 1..depth-1 run under `lax.scan` with
 their variables stacked along a leading layer axis under `stack` (not `layers`); their
@@ -55,10 +57,25 @@ class Layer(nnx.Module):
         act = ACTIVATIONS[self.activation]
         z = self.linear(x)
         if self.placement == "before":
-            a = self.norm(z, train=train, rng=rng)
-            return act(a), {"norm_in": z, "act_in": a}
+            a, moments = self._norm(z, train, rng)
+            aux = {"norm_in": z, "act_in": a}
+            aux.update({k: moments[m] for k, m in (("norm_in_moments", "in"), ("act_in_moments", "out"))
+                        if m in moments})
+            return act(a), aux
         u = act(z)
-        return self.norm(u, train=train, rng=rng), {"norm_in": u, "act_in": z}
+        y, moments = self._norm(u, train, rng)
+        aux = {"norm_in": u, "act_in": z}
+        if "in" in moments:
+            aux["norm_in_moments"] = moments["in"]
+        return y, aux
+
+    def _norm(self, x, train, rng):
+        """(output, moments) of the normalizer: the [2, F] means and variances it knows of
+        its input ("in") and output ("out"), if any (`norms.BatchNorm.with_moments`)."""
+        with_moments = getattr(self.norm, "with_moments", None)
+        if with_moments is None:
+            return self.norm(x, train=train, rng=rng), {}
+        return with_moments(x, train=train, rng=rng)
 
 
 

@@ -134,18 +134,30 @@ def unit_stats(norm_in, act_in, max_samples: int = 0) -> dict:
 
 def moments(norm_in, act_in):
     """[4, U]: the MOMENTS of one layer (means and variances over batch and space)."""
-    z = norm_in.reshape(-1, norm_in.shape[-1])
-    a = act_in.reshape(-1, act_in.shape[-1])
-    return jnp.stack([z.mean(0), z.var(0), a.mean(0), a.var(0)])
+    return jnp.concatenate([_moments(norm_in), _moments(act_in)])
+
+
+def _moments(x):
+    """[2, U]: mean and biased variance of x over every axis but the last."""
+    x = x.reshape(-1, x.shape[-1])
+    return jnp.stack([x.mean(0), x.var(0)])
+
+
+def aux_moments(a):
+    """[4, U]: the MOMENTS of one layer's aux. Where the layer's normalizer computed them
+    anyway (`norm_in_moments`, `act_in_moments`: batch norm's statistics) they are taken
+    from there, which spares a pass over the activations; else reduced from the arrays."""
+    return jnp.concatenate([a["norm_in_moments"] if "norm_in_moments" in a else _moments(a["norm_in"]),
+                            a["act_in_moments"] if "act_in_moments" in a else _moments(a["act_in"])])
 
 
 def layer_stats(kind: str, max_samples: int = 0):
     """The per-layer statistic function of a part: [len(PART_STATS[kind]), U] from one layer's aux."""
     if kind == "moments":
-        return lambda a: moments(a["norm_in"], a["act_in"])
+        return aux_moments
     if kind == "percentiles":
         return lambda a: jnp.stack(percentiles(a["act_in"].reshape(-1, a["act_in"].shape[-1]), max_samples))
-    return lambda a: jnp.concatenate([moments(a["norm_in"], a["act_in"]), layer_stats("percentiles", max_samples)(a)])
+    return lambda a: jnp.concatenate([aux_moments(a), layer_stats("percentiles", max_samples)(a)])
 
 
 PART_STATS = {"moments": MOMENTS, "percentiles": PERCENTILE_STATS, "all": STATS}
