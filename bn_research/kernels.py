@@ -22,6 +22,8 @@ that the sets give the same values, gradients and vmaps.
     max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
     normalize(x, axes, eps)         (x - mean) / sqrt(var + eps) over `axes`, with the
                                     mean and the biased variance (batch, layer, group norm)
+    normalize_affine(x, s, b, ...)  the same times a per-feature scale plus a shift
+                                    (batch norm with gamma and beta)
     epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
     replica_program(has_conv)       'vmap' or 'map' for the replicas' shared program
 
@@ -80,6 +82,15 @@ def normalize(x, axes: tuple[int, ...], epsilon: float):
     return normalize_xla(x, tuple(axes), float(epsilon))
 
 
+def normalize_affine(x, scale, bias, axes: tuple[int, ...], epsilon: float):
+    """(x_hat * scale + bias, mean, var): `normalize` followed by a per-feature scale and
+    shift ([F], feature last), differentiable in x, scale and bias (batch norm's training
+    path)."""
+    if kind() in CPU_KINDS:
+        return normalize_affine_cpu(x, scale, bias, tuple(axes), float(epsilon))
+    return normalize_affine_xla(x, scale, bias, tuple(axes), float(epsilon))
+
+
 def replica_program(has_conv: bool) -> str:
     """How N replicas of one model share a compiled chunk: 'vmap' (vectorized) or 'map'
     (`lax.map` over small groups of replicas, `replicas.MAP_GROUP`). On the CPU a model
@@ -120,6 +131,11 @@ def normalize_xla(x, axes, epsilon):
     mean = x.mean(axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + epsilon), mean, var
+
+
+def normalize_affine_xla(x, scale, bias, axes, epsilon):
+    x_hat, mean, var = normalize_xla(x, axes, epsilon)
+    return x_hat * scale + bias, mean, var
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,6 +430,51 @@ def _normalize_fwd_sz(x, axes, epsilon):
 
 
 normalize_cpu.defvjp(_normalize_fwd_sz, _normalize_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_affine_cpu(x, scale, bias, axes, epsilon):
+    """`normalize_affine_xla` with its gradient written out. With g the output's cotangent,
+    x_hat = (x - mean) r, r = rsqrt(var + eps), and sums over `axes`: dbias = sum g,
+    dscale = sum g x_hat (summed further over any leading group axes), and dx = scale r
+    (g - sum g / n - x_hat sum(g x_hat) / n) (+ the statistics' own cotangents), so the
+    two sums of the normalization's backward are the two sums the affine's gradient needs.
+    Autodiff of `normalize_cpu` followed by the affine takes four sums over the
+    activations per layer and writes out g * scale. x_hat is recomputed from x in the
+    backward pass rather than stored. (Measured in `benchmarks/run.py`; see README.)"""
+    return normalize_affine_xla(x, scale, bias, axes, epsilon)
+
+
+def _normalize_affine_fwd(x, scale, bias, axes, epsilon):
+    x, scale, bias = x.value, scale.value, bias.value
+    mean = x.mean(axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    r = jax.lax.rsqrt(var + epsilon)
+    return ((x - mean) * r * scale + bias, mean, var), (x, mean, r, scale)
+
+
+def _normalize_affine_bwd(axes, epsilon, res, cts):
+    del epsilon
+    x, mean, r, scale = res
+    g, d_mean, d_var = cts
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(x.shape, x.dtype)
+    x_hat = (x - mean) * r
+    sum_g = jnp.sum(g, axes, keepdims=True)
+    sum_gx = jnp.sum(g * x_hat, axes, keepdims=True)
+    dx = (scale * r) * (g - sum_g / n - x_hat * (sum_gx / n))
+    if not isinstance(d_mean, jax.custom_derivatives.SymbolicZero):
+        dx = dx + d_mean / n
+    if not isinstance(d_var, jax.custom_derivatives.SymbolicZero):
+        dx = dx + d_var * (2.0 / n) * (x - mean)
+    flat = (-1, x.shape[-1])
+    return dx, sum_gx.reshape(flat).sum(0), sum_g.reshape(flat).sum(0)
+
+
+normalize_affine_cpu.defvjp(_normalize_affine_fwd, _normalize_affine_bwd, symbolic_zeros=True)
 
 
 def epoch_permutation_cpu(key, epoch, n: int):

@@ -85,19 +85,28 @@ class BatchNorm(nnx.Module):
             self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
             self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
 
-    def _normalize_train(self, x):
+    def _normalize_train(self, x, affine: bool = False):
+        """(x_hat, mean, var) with the batch (or ghost groups') statistics; with `affine`
+        the first is gamma * x_hat + beta (one operation with its own gradient:
+        `kernels.normalize_affine`)."""
         v = self.virtual_batch_size
         b = x.shape[0]
+        if affine:
+            def norm(x, axes):
+                return kernels.normalize_affine(x, self.scale.value, self.bias.value, axes, self.epsilon)
+        else:
+            def norm(x, axes):
+                return kernels.normalize(x, axes, self.epsilon)
         if v and v < b:
             if b % v:
                 raise ValueError(
                     f"batch size {b} is not a multiple of norm.virtual_batch_size={v}"
                 )
             g = x.reshape((b // v, v) + x.shape[1:])
-            y, mean, var = kernels.normalize(g, tuple(range(1, g.ndim - 1)), self.epsilon)
+            y, mean, var = norm(g, tuple(range(1, g.ndim - 1)))
             flat = (-1, x.shape[-1])
             return y.reshape(x.shape), mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
-        y, mean, var = kernels.normalize(x, _reduce_axes(x), self.epsilon)
+        y, mean, var = norm(x, _reduce_axes(x))
         return y, mean.reshape(x.shape[-1:]), var.reshape(x.shape[-1:])
 
     def __call__(self, x, *, train: bool, rng=None):
@@ -118,7 +127,7 @@ class BatchNorm(nnx.Module):
         groups' averages, not the batch's moments, and `moments` is empty."""
         moments = {}
         if train:
-            y, mean, var = self._normalize_train(x)
+            y, mean, var = self._normalize_train(x, affine=self.affine)
             m = self.momentum
             self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
             self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)
@@ -129,8 +138,8 @@ class BatchNorm(nnx.Module):
                     out_var = out_var * jnp.square(self.scale.value)
                     out_mean = out_mean + self.bias.value
                 moments = {"in": jnp.stack([mean, var]), "out": jnp.stack([out_mean, out_var])}
-        else:
-            y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
+            return y, moments
+        y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
         if self.affine:
             y = y * self.scale.value + self.bias.value
         return y, moments

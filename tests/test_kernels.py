@@ -77,6 +77,41 @@ def test_normalize_values_and_gradients_match_autodiff(shape, axes, uses):
                                jax.vmap(jax.grad(loss(kernels.normalize_xla)))(xs), rtol=1e-5, atol=2e-5 * scale)
 
 
+@pytest.mark.parametrize("shape,axes", [c for c in NORM_CASES if c[1][-1] < len(c[0]) - 1])
+@pytest.mark.parametrize("uses", [(1, 0, 0), (0, 1, 1), (1, 1, 1)], ids=["y", "stats", "all"])
+def test_normalize_affine_values_and_gradients_match_autodiff(shape, axes, uses):
+    """The hand-written backward of `normalize_affine_cpu` (batch norm with gamma and beta:
+    dense, NHWC, ghost groups) equals autodiff of `normalize_affine_xla` in x, scale and
+    bias, through the output and the statistics, alone and under vmap."""
+    x = 3.0 * jax.random.normal(jax.random.key(len(shape)), shape) + 1.5
+    f = shape[-1]
+    scale = jnp.linspace(0.3, 2.0, f) * jnp.where(jnp.arange(f) % 3 == 0, -1.0, 1.0)
+    bias = jnp.linspace(-1.0, 0.5, f)
+    out_cpu = kernels.normalize_affine_cpu(x, scale, bias, axes, 1e-5)
+    out_xla = kernels.normalize_affine_xla(x, scale, bias, axes, 1e-5)
+    for a, b in zip(out_cpu, out_xla, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    c = jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(shape))
+
+    def loss(fn):
+        def value(x, scale, bias):
+            y, m, v = fn(x, scale, bias, axes, 1e-5)
+            return uses[0] * jnp.sum(y * c) + uses[1] * jnp.sum(jnp.sin(3 * m)) + uses[2] * jnp.sum(v ** 1.5)
+        return jax.grad(value, argnums=(0, 1, 2))
+
+    g_cpu = loss(kernels.normalize_affine_cpu)(x, scale, bias)
+    g_xla = loss(kernels.normalize_affine_xla)(x, scale, bias)
+    for a, b in zip(g_cpu, g_xla, strict=True):
+        size = float(jnp.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(size, 1e-3))
+    assert float(jnp.abs(g_xla[0]).max()) > 0
+    xs, ss = jnp.stack([x, 2 * x - 1]), jnp.stack([scale, -scale])
+    v_cpu = jax.vmap(loss(kernels.normalize_affine_cpu), (0, 0, None))(xs, ss, bias)
+    v_xla = jax.vmap(loss(kernels.normalize_affine_xla), (0, 0, None))(xs, ss, bias)
+    for a, b in zip(v_cpu, v_xla, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * max(float(jnp.abs(b).max()), 1e-3))
+
+
 @pytest.mark.parametrize("impl", CPU_CONVS)
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 def test_conv_values_and_gradients_match_xla(shape, impl):
