@@ -22,8 +22,9 @@ that the sets give the same values, gradients and vmaps.
     max_pool_2x2(h)                 2x2 stride-2 'VALID' max-pooling, NHWC
     normalize(x, axes, eps)         (x - mean) / sqrt(var + eps) over `axes`, with the
                                     mean and the biased variance (batch, layer, group norm)
-    normalize_affine(x, s, b, ...)  the same times a per-feature scale plus a shift
-                                    (batch norm with gamma and beta)
+    normalize_affine(x, s, b, ...)  the same times a per-feature scale plus a shift, and
+                                    an optional activation after it (batch norm with
+                                    gamma and beta, and the layer's nonlinearity)
     epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
     replica_program(has_conv)       'vmap' or 'map' for the replicas' shared program
 
@@ -82,13 +83,14 @@ def normalize(x, axes: tuple[int, ...], epsilon: float):
     return normalize_xla(x, tuple(axes), float(epsilon))
 
 
-def normalize_affine(x, scale, bias, axes: tuple[int, ...], epsilon: float):
-    """(x_hat * scale + bias, mean, var): `normalize` followed by a per-feature scale and
-    shift ([F], feature last), differentiable in x, scale and bias (batch norm's training
-    path)."""
+def normalize_affine(x, scale, bias, axes: tuple[int, ...], epsilon: float, activation=None):
+    """(activation(y), y, mean, var) with y = x_hat * scale + bias: `normalize` followed by
+    a per-feature scale and shift ([F], feature last) and an optional elementwise
+    `activation` (None: the identity, and the first two are the same array),
+    differentiable in x, scale and bias (batch norm's training path)."""
     if kind() in CPU_KINDS:
-        return normalize_affine_cpu(x, scale, bias, tuple(axes), float(epsilon))
-    return normalize_affine_xla(x, scale, bias, tuple(axes), float(epsilon))
+        return normalize_affine_cpu(x, scale, bias, tuple(axes), float(epsilon), activation)
+    return normalize_affine_xla(x, scale, bias, tuple(axes), float(epsilon), activation)
 
 
 def replica_program(has_conv: bool) -> str:
@@ -133,9 +135,10 @@ def normalize_xla(x, axes, epsilon):
     return (x - mean) * jax.lax.rsqrt(var + epsilon), mean, var
 
 
-def normalize_affine_xla(x, scale, bias, axes, epsilon):
+def normalize_affine_xla(x, scale, bias, axes, epsilon, activation=None):
     x_hat, mean, var = normalize_xla(x, axes, epsilon)
-    return x_hat * scale + bias, mean, var
+    y = x_hat * scale + bias
+    return (y if activation is None else activation(y)), y, mean, var
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,43 +435,50 @@ def _normalize_fwd_sz(x, axes, epsilon):
 normalize_cpu.defvjp(_normalize_fwd_sz, _normalize_bwd, symbolic_zeros=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def normalize_affine_cpu(x, scale, bias, axes, epsilon):
-    """`normalize_affine_xla` with its gradient written out. With g the output's cotangent,
-    x_hat = (x - mean) r, r = rsqrt(var + eps), and sums over `axes`: dbias = sum g,
-    dscale = sum g x_hat (summed further over any leading group axes), and dx = scale r
-    (g - sum g / n - x_hat sum(g x_hat) / n) (+ the statistics' own cotangents), so the
-    two sums of the normalization's backward are the two sums the affine's gradient needs.
-    Autodiff of `normalize_cpu` followed by the affine takes four sums over the
-    activations per layer and writes out g * scale. x_hat is recomputed from x in the
-    backward pass rather than stored. (Measured in `benchmarks/run.py`; see README.)"""
-    return normalize_affine_xla(x, scale, bias, axes, epsilon)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def normalize_affine_cpu(x, scale, bias, axes, epsilon, activation=None):
+    """`normalize_affine_xla` with its gradient written out. With g the cotangent of y (the
+    activation's backward applied to the output's cotangent, plus y's own), x_hat = (x -
+    mean) r, r = rsqrt(var + eps), and sums over `axes`: dbias = sum g, dscale = sum g
+    x_hat (summed further over any leading group axes), and dx = scale r (g - sum g / n -
+    x_hat sum(g x_hat) / n) (+ the statistics' own cotangents). The two sums of the
+    normalization's backward are the two the affine's gradient needs, and g is formed
+    inside the passes that read it: autodiff of `normalize_cpu`, the affine and the
+    activation takes four sums over the activations per layer and writes out the
+    activation's gradient and g * scale. x_hat is recomputed from x in the backward pass
+    rather than stored. (CNN step: README, Performance.)"""
+    return normalize_affine_xla(x, scale, bias, axes, epsilon, activation)
 
 
-def _normalize_affine_fwd(x, scale, bias, axes, epsilon):
+def _normalize_affine_fwd(x, scale, bias, axes, epsilon, activation):
     x, scale, bias = x.value, scale.value, bias.value
     mean = x.mean(axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
     r = jax.lax.rsqrt(var + epsilon)
-    return ((x - mean) * r * scale + bias, mean, var), (x, mean, r, scale)
+    y = (x - mean) * r * scale + bias
+    return ((y if activation is None else activation(y)), y, mean, var), (x, mean, r, scale, bias)
 
 
-def _normalize_affine_bwd(axes, epsilon, res, cts):
+def _normalize_affine_bwd(axes, epsilon, activation, res, cts):
     del epsilon
-    x, mean, r, scale = res
-    g, d_mean, d_var = cts
+    x, mean, r, scale, bias = res
+    d_out, d_y, d_mean, d_var = cts
     n = 1
     for a in axes:
         n *= x.shape[a]
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        g = jnp.zeros(x.shape, x.dtype)
     x_hat = (x - mean) * r
+    zero = jax.custom_derivatives.SymbolicZero
+    g = jnp.zeros(x.shape, x.dtype)
+    if not isinstance(d_out, zero):
+        g = d_out if activation is None else jax.vjp(activation, x_hat * scale + bias)[1](d_out)[0]
+    if not isinstance(d_y, zero):
+        g = g + d_y
     sum_g = jnp.sum(g, axes, keepdims=True)
     sum_gx = jnp.sum(g * x_hat, axes, keepdims=True)
     dx = (scale * r) * (g - sum_g / n - x_hat * (sum_gx / n))
-    if not isinstance(d_mean, jax.custom_derivatives.SymbolicZero):
+    if not isinstance(d_mean, zero):
         dx = dx + d_mean / n
-    if not isinstance(d_var, jax.custom_derivatives.SymbolicZero):
+    if not isinstance(d_var, zero):
         dx = dx + d_var * (2.0 / n) * (x - mean)
     flat = (-1, x.shape[-1])
     return dx, sum_gx.reshape(flat).sum(0), sum_g.reshape(flat).sum(0)

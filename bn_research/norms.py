@@ -85,39 +85,43 @@ class BatchNorm(nnx.Module):
             self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
             self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
 
-    def _normalize_train(self, x, affine: bool = False):
-        """(x_hat, mean, var) with the batch (or ghost groups') statistics; with `affine`
-        the first is gamma * x_hat + beta (one operation with its own gradient:
-        `kernels.normalize_affine`)."""
+    def _normalize_train(self, x, affine: bool = False, activation=None):
+        """(out, y, mean, var) with the batch (or ghost groups') statistics: y is x_hat, or
+        with `affine` gamma * x_hat + beta, and out = activation(y) (y without one). With
+        `affine` all of it is one operation with its own gradient
+        (`kernels.normalize_affine`)."""
         v = self.virtual_batch_size
         b = x.shape[0]
         if affine:
             def norm(x, axes):
-                return kernels.normalize_affine(x, self.scale.value, self.bias.value, axes, self.epsilon)
+                return kernels.normalize_affine(x, self.scale.value, self.bias.value, axes, self.epsilon, activation)
         else:
             def norm(x, axes):
-                return kernels.normalize(x, axes, self.epsilon)
+                y, mean, var = kernels.normalize(x, axes, self.epsilon)
+                return (y if activation is None else activation(y)), y, mean, var
         if v and v < b:
             if b % v:
                 raise ValueError(
                     f"batch size {b} is not a multiple of norm.virtual_batch_size={v}"
                 )
             g = x.reshape((b // v, v) + x.shape[1:])
-            y, mean, var = norm(g, tuple(range(1, g.ndim - 1)))
+            out, y, mean, var = norm(g, tuple(range(1, g.ndim - 1)))
             flat = (-1, x.shape[-1])
-            return y.reshape(x.shape), mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
-        y, mean, var = norm(x, _reduce_axes(x))
-        return y, mean.reshape(x.shape[-1:]), var.reshape(x.shape[-1:])
+            return out.reshape(x.shape), y.reshape(x.shape), mean.reshape(flat).mean(0), var.reshape(flat).mean(0)
+        out, y, mean, var = norm(x, _reduce_axes(x))
+        return out, y, mean.reshape(x.shape[-1:]), var.reshape(x.shape[-1:])
 
     def __call__(self, x, *, train: bool, rng=None):
-        return self._forward(x, train)[0]
+        return self._forward(x, train, None)[1]
 
-    def with_moments(self, x, *, train: bool, rng=None):
-        return self._forward(x, train)
+    def with_moments(self, x, *, train: bool, rng=None, activation=None):
+        return self._forward(x, train, activation)
 
-    def _forward(self, x, train):
-        """(y, moments): the output and, when this step's batch gives them, the per-unit
-        [mean, biased variance] of the input (`moments["in"]`, [2, F]) and of the output
+    def _forward(self, x, train, activation):
+        """(activation(y), y, moments): the output y, an elementwise `activation` of it
+        (None: y again; in training one operation with batch norm, see
+        `kernels.normalize_affine`) and, when this step's batch gives them, the per-unit
+        [mean, biased variance] of the input (`moments["in"]`, [2, F]) and of y
         (`moments["out"]`) over every axis but the feature axis, from the statistics the
         layer computes anyway (the drift probe reads them instead of reducing the
         activations again). Given in training over the whole batch: the input's are the
@@ -127,7 +131,7 @@ class BatchNorm(nnx.Module):
         groups' averages, not the batch's moments, and `moments` is empty."""
         moments = {}
         if train:
-            y, mean, var = self._normalize_train(x, affine=self.affine)
+            out, y, mean, var = self._normalize_train(x, self.affine, activation)
             m = self.momentum
             self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
             self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)
@@ -138,11 +142,11 @@ class BatchNorm(nnx.Module):
                     out_var = out_var * jnp.square(self.scale.value)
                     out_mean = out_mean + self.bias.value
                 moments = {"in": jnp.stack([mean, var]), "out": jnp.stack([out_mean, out_var])}
-            return y, moments
+            return out, y, moments
         y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
         if self.affine:
             y = y * self.scale.value + self.bias.value
-        return y, moments
+        return (y if activation is None else activation(y)), y, moments
 
 
 R_SIGMA_READINGS = ("std", "variance")
@@ -205,15 +209,16 @@ class NoisyBatchNorm(BatchNorm):
         self.noise = NoiseSpec.from_config(cfg)
         self.after_affine = bool(cfg.noise_after_affine)
 
-    def with_moments(self, x, *, train: bool, rng=None):
-        """(y, {}): the noise moves the output's moments away from batch norm's."""
-        return self(x, train=train, rng=rng), {}
+    def with_moments(self, x, *, train: bool, rng=None, activation=None):
+        """(activation(y), y, {}): the noise moves the output's moments away from batch norm's."""
+        y = self(x, train=train, rng=rng)
+        return (y if activation is None else activation(y)), y, {}
 
     def __call__(self, x, *, train: bool, rng=None):
         if not train:
             return super().__call__(x, train=False)
         _need_rng(rng, "noisy_batch")
-        y, mean, var = self._normalize_train(x)
+        _, y, mean, var = self._normalize_train(x)
         m = self.momentum
         self.mean.value = m * self.mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
         self.var.value = m * self.var.value + (1.0 - m) * jax.lax.stop_gradient(var)

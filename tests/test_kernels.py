@@ -78,25 +78,30 @@ def test_normalize_values_and_gradients_match_autodiff(shape, axes, uses):
 
 
 @pytest.mark.parametrize("shape,axes", [c for c in NORM_CASES if c[1][-1] < len(c[0]) - 1])
-@pytest.mark.parametrize("uses", [(1, 0, 0), (0, 1, 1), (1, 1, 1)], ids=["y", "stats", "all"])
-def test_normalize_affine_values_and_gradients_match_autodiff(shape, axes, uses):
-    """The hand-written backward of `normalize_affine_cpu` (batch norm with gamma and beta:
-    dense, NHWC, ghost groups) equals autodiff of `normalize_affine_xla` in x, scale and
-    bias, through the output and the statistics, alone and under vmap."""
+@pytest.mark.parametrize("activation", [None, "relu", "tanh"])
+@pytest.mark.parametrize("uses", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 1), (1, 1, 1, 1)],
+                         ids=["out", "y", "stats", "all"])
+def test_normalize_affine_values_and_gradients_match_autodiff(shape, axes, activation, uses):
+    """The hand-written backward of `normalize_affine_cpu` (batch norm with gamma and beta,
+    then the activation: dense, NHWC, ghost groups) equals autodiff of
+    `normalize_affine_xla` in x, scale and bias, through the activation's output, the
+    normalized y, and the statistics, alone and under vmap."""
+    act = {None: None, "relu": jax.nn.relu, "tanh": jnp.tanh}[activation]
     x = 3.0 * jax.random.normal(jax.random.key(len(shape)), shape) + 1.5
     f = shape[-1]
     scale = jnp.linspace(0.3, 2.0, f) * jnp.where(jnp.arange(f) % 3 == 0, -1.0, 1.0)
     bias = jnp.linspace(-1.0, 0.5, f)
-    out_cpu = kernels.normalize_affine_cpu(x, scale, bias, axes, 1e-5)
-    out_xla = kernels.normalize_affine_xla(x, scale, bias, axes, 1e-5)
+    out_cpu = kernels.normalize_affine_cpu(x, scale, bias, axes, 1e-5, act)
+    out_xla = kernels.normalize_affine_xla(x, scale, bias, axes, 1e-5, act)
     for a, b in zip(out_cpu, out_xla, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     c = jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(shape))
 
     def loss(fn):
         def value(x, scale, bias):
-            y, m, v = fn(x, scale, bias, axes, 1e-5)
-            return uses[0] * jnp.sum(y * c) + uses[1] * jnp.sum(jnp.sin(3 * m)) + uses[2] * jnp.sum(v ** 1.5)
+            out, y, m, v = fn(x, scale, bias, axes, 1e-5, act)
+            return (uses[0] * jnp.sum(out * c) + uses[1] * jnp.sum(jnp.sin(y) * c)
+                    + uses[2] * jnp.sum(jnp.sin(3 * m)) + uses[3] * jnp.sum(v ** 1.5))
         return jax.grad(value, argnums=(0, 1, 2))
 
     g_cpu = loss(kernels.normalize_affine_cpu)(x, scale, bias)

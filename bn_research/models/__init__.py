@@ -57,27 +57,28 @@ class Layer(nnx.Module):
         act = ACTIVATIONS[self.activation]
         z = self.linear(x)
         if self.placement == "before":
-            a, moments = self._norm(z, train, rng)
+            out, a, moments = self._norm(z, train, rng, act)
             aux = {"norm_in": z, "act_in": a}
             aux.update({k: moments[m] for k, m in (("norm_in_moments", "in"), ("act_in_moments", "out"))
                         if m in moments})
-            return act(a), aux
+            return out, aux
         u = act(z)
-        y, moments = self._norm(u, train, rng)
+        _, y, moments = self._norm(u, train, rng)
         aux = {"norm_in": u, "act_in": z}
         if "in" in moments:
             aux["norm_in_moments"] = moments["in"]
         return y, aux
 
-    def _norm(self, x, train, rng):
-        """(output, moments) of the normalizer: the [2, F] means and variances it knows of
-        its input ("in") and output ("out"), if any (`norms.BatchNorm.with_moments`)."""
+    def _norm(self, x, train, rng, activation=None):
+        """(activation(y), y, moments) of the normalizer's output y: the [2, F] means and
+        variances it knows of its input ("in") and of y ("out"), if any. Normalizers with
+        `with_moments` (batch norm) apply the activation themselves
+        (`norms.BatchNorm.with_moments`)."""
         with_moments = getattr(self.norm, "with_moments", None)
-        if with_moments is None:
-            return self.norm(x, train=train, rng=rng), {}
-        return with_moments(x, train=train, rng=rng)
-
-
+        if with_moments is not None:
+            return with_moments(x, train=train, rng=rng, activation=activation)
+        y = self.norm(x, train=train, rng=rng)
+        return (y if activation is None else activation(y)), y, {}
 
 
 @jax.tree_util.register_pytree_node_class
