@@ -173,14 +173,25 @@ def test_conv_vmap_of_vmap_matches_xla(impl):
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 3)])
-def test_max_pool_values_and_gradients_match_xla(shape):
+@pytest.mark.parametrize("ties", ["one", "relu"])
+def test_max_pool_values_and_gradients_match_xla(shape, ties):
     h = jax.random.normal(jax.random.key(0), shape)
-    h = h.at[0, 0, 0, 0].set(h[0, 0, 1, 0])  # a tie: the gradient goes to the first maximum in both
+    if ties == "one":
+        h = h.at[0, 0, 0, 0].set(h[0, 0, 1, 0])  # a tie: the gradient goes to the first maximum in both
+    else:  # after a ReLU, coarsely rounded: windows with two, three and four equal maxima
+        h = jax.nn.relu(jnp.round(h))
     np.testing.assert_array_equal(kernels.max_pool_2x2_cpu(h), kernels.max_pool_2x2_xla(h))
     dy = jax.random.normal(jax.random.key(1), kernels.max_pool_2x2_xla(h).shape)
     g_cpu = jax.grad(lambda h: jnp.sum(kernels.max_pool_2x2_cpu(h) * dy))(h)
     g_xla = jax.grad(lambda h: jnp.sum(kernels.max_pool_2x2_xla(h) * dy))(h)
     np.testing.assert_allclose(g_cpu, g_xla, rtol=0, atol=0)
+    # under vmap (replicas) and jit, against XLA's pooling vmapped
+    hs, dys = jnp.stack([h, -h]), jnp.stack([dy, 2 * dy])
+
+    def grads(pool):
+        return jax.jit(jax.vmap(jax.grad(lambda h, dy: jnp.sum(pool(h) * dy))))(hs, dys)
+
+    np.testing.assert_allclose(grads(kernels.max_pool_2x2_cpu), grads(kernels.max_pool_2x2_xla), rtol=0, atol=0)
 
 
 def test_both_permutations_are_uniform_permutations(monkeypatch):
