@@ -62,6 +62,8 @@ def main(task, out):
             c.mesh.data = data
             summary = train.train_and_evaluate(c, out / f"cnn{data}", overwrite=True)
             res[f"cnn{data}"] = {k: summary.get(k) for k in ("status", "mesh", "kernels", "final")}
+            with open(out / f"cnn{data}" / rundir.METRICS) as f:
+                res[f"cnn{data}"]["first_row"] = json.loads(f.readline())
     elif task == "one":
         res["global"] = run(config(**{"mesh.data": 1}), out / "global1")
         res["virtual"] = run(config(**{"norm.stats": "virtual", "norm.virtual_batch_size": 16, "mesh.data": 1}),

@@ -68,7 +68,14 @@ def test_checkpoint_from_four_devices_resumes_on_four_and_on_one(results):
 
 def test_cnn_with_the_cpu_kernels_on_four_devices_matches_one(tmp_path):
     """The CPU's FFI kernels (oneDNN convolutions, the drift percentiles) inside a step
-    whose batch is sharded over 4 devices: the same metrics as on one device."""
+    whose batch is sharded over 4 devices: the same metrics as on one device.
+
+    The drift percentiles are compared in the first logged row, where both runs measure
+    the same initial parameters. Later rows differ by float rounding that training
+    amplifies: the sharded program sums the batch statistics in another order, and the
+    rows' largest p50 difference grew from 6e-8 (step 1) to 3e-5 (step 10) and 4e-4
+    (step 20); two valid kernel sets on one device (BN_RESEARCH_KERNELS=onednn and cpu)
+    differ by 1.3e-3 at step 20."""
     res = _worker("cnn", tmp_path, 4)
     four, one = res["cnn4"], res["cnn1"]
     assert four["status"] == one["status"] == "completed"
@@ -76,7 +83,9 @@ def test_cnn_with_the_cpu_kernels_on_four_devices_matches_one(tmp_path):
     assert four["kernels"] == one["kernels"]
     for k in ("train/loss", "eval/loss", "eval/accuracy"):
         assert four["final"][k] == pytest.approx(one["final"][k], rel=1e-4), k
-    dist = [k for k in one["final"] if k.startswith("dist/") and "_p50" in k]  # the drift percentiles
-    assert dist
+    first4, first1 = four["first_row"], one["first_row"]
+    assert first4["step"] == first1["step"] == 1
+    dist = [k for k in first1 if k.startswith("dist/") and "_p50" in k]  # the drift percentiles
+    assert dist and set(dist) <= set(first4)
     for k in dist:
-        assert four["final"][k] == pytest.approx(one["final"][k], rel=1e-3, abs=1e-5), k
+        assert first4[k] == pytest.approx(first1[k], rel=1e-5, abs=1e-6), k
