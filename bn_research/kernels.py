@@ -26,6 +26,7 @@ that the sets give the same values, gradients and vmaps.
                                     an optional activation after it (batch norm with
                                     gamma and beta, and the layer's nonlinearity)
     epoch_permutation(key, e, n)    a uniform shuffle of arange(n) for epoch e
+    global_norm(tree)               the Euclidean norm of all leaves together
     replica_program(has_conv)       'vmap' or 'map' for the replicas' shared program
 
 The choice is made when a function is traced (`jax.default_backend()`), never at import.
@@ -93,6 +94,13 @@ def normalize_affine(x, scale, bias, axes: tuple[int, ...], epsilon: float, acti
     return normalize_affine_xla(x, scale, bias, tuple(axes), float(epsilon), activation)
 
 
+def global_norm(tree):
+    """The Euclidean norm of all leaves of `tree` together (`optax.global_norm`)."""
+    if kind() in CPU_KINDS:
+        return global_norm_cpu(tree)
+    return global_norm_xla(tree)
+
+
 def replica_program(has_conv: bool) -> str:
     """How N replicas of one model share a compiled chunk: 'vmap' (vectorized) or 'map'
     (`lax.map` over small groups of replicas, `replicas.MAP_GROUP`). On the CPU a model
@@ -133,6 +141,10 @@ def normalize_xla(x, axes, epsilon):
     mean = x.mean(axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + epsilon), mean, var
+
+
+def global_norm_xla(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def normalize_affine_xla(x, scale, bias, axes, epsilon, activation=None):
@@ -491,6 +503,20 @@ def _normalize_affine_bwd(axes, epsilon, activation, res, cts):
 
 
 normalize_affine_cpu.defvjp(_normalize_affine_fwd, _normalize_affine_bwd, symbolic_zeros=True)
+
+
+def global_norm_cpu(tree):
+    """`global_norm_xla` with each leaf's squares summed along its last axis by a
+    matrix-vector product with ones, then over the rest. XLA:CPU rewrites a sum of
+    squares over many elements, however it is written, into a tree of 32-wide windowed
+    sums, which took 42-48 us of a 0.42 ms MLP step for the 784x100 kernel gradient (the
+    gradient norm every step logs). MLP of configs/mlp.py, probes off, 500-step chunks,
+    medians of 5 alternating processes: 0.424 -> 0.385 ms per step."""
+    def squares(x):
+        x = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+        return jnp.sum(jnp.dot(jnp.square(x), jnp.ones(x.shape[-1:], x.dtype)))
+
+    return jnp.sqrt(sum(squares(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def epoch_permutation_cpu(key, epoch, n: int):

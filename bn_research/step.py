@@ -157,7 +157,7 @@ def make_step_fns(graphdef, tx, *, task: str, batch_size: int, eval_batch_size: 
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=kernels.global_norm(grads))
         new_state = dict(state, params=params, batch_stats=new_stats, opt_state=opt_state,
                          step=state["step"] + 1)
         ctx = {"state": state, "batch": batch, "grads": grads, "aux": aux,

@@ -292,3 +292,18 @@ def test_native_order_statistics_equal_the_bisection():
         want_low, want_nxt = drift.order_statistics(jnp.asarray(pair[i]), ranks, successors=True)
         np.testing.assert_array_equal(np.asarray(v_low[i]).view(np.uint32), np.asarray(want_low).view(np.uint32))
         np.testing.assert_array_equal(np.asarray(v_nxt[i]).view(np.uint32), np.asarray(want_nxt).view(np.uint32))
+
+
+def test_global_norm_matches_optax():
+    """The CPU's gradient norm (sums of squares by matrix-vector products) equals
+    `optax.global_norm` over leaves of every rank, alone and under vmap (replicas)."""
+    import optax
+
+    keys = jax.random.split(jax.random.key(3), 5)
+    tree = {"w": jax.random.normal(keys[0], (784, 100)), "conv": jax.random.normal(keys[1], (3, 3, 16, 32)),
+            "b": jax.random.normal(keys[2], (100,)), "s": jnp.float32(-2.5),
+            "deep": [jax.random.normal(keys[3], (7, 3)) * 1e3]}
+    for f in (kernels.global_norm_cpu, kernels.global_norm_xla):
+        np.testing.assert_allclose(f(tree), optax.global_norm(tree), rtol=2e-6)
+    trees = jax.tree_util.tree_map(lambda x: jnp.stack([x, 0.5 * x]), tree)
+    np.testing.assert_allclose(jax.vmap(kernels.global_norm_cpu)(trees), jax.vmap(optax.global_norm)(trees), rtol=2e-6)
