@@ -18,6 +18,7 @@ one-line warning and the previous one is tried; if none is readable, `Checkpoint
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -87,7 +88,9 @@ class Checkpointer:
         `state_digest`."""
         ocp = _ocp()
         host = jax.device_get(state)
-        meta = dict(meta, step=int(step), digest=state_digest(host))
+        # a copy: the caller's objects (the loop's last row, its resumes) keep changing
+        # while the asynchronous save is still writing them
+        meta = copy.deepcopy(dict(meta, step=int(step), digest=state_digest(host)))
         meta["meta_digest"] = meta_digest(meta)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)

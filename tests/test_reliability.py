@@ -300,3 +300,25 @@ def test_chunk_length_divides_checkpoint_every():
     assert train.chunk_length(config) == 100  # eval_every; log rows are cut on the host
     config.train.steps_per_dispatch = 40
     assert train.chunk_length(config) == 20  # made to divide eval_every
+
+
+def test_checkpoint_metadata_is_what_it_was_at_save_time(tmp_path):
+    """The loop hands `save` live objects (its last logged row, its list of resumes) and
+    keeps updating them while the asynchronous save is still writing; the checkpoint must
+    hold the values of the moment of the save, matching their digest."""
+    import jax.numpy as jnp
+
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+    last, resumes = {"train/loss": 1.5}, [3]
+    for i in range(10):  # the async write is usually still queued when the caller moves on
+        state = {"step": jnp.int32(i + 1), "w": jnp.arange(4.0)}
+        ckpt.save(i + 1, state, {"last": last, "resumes": resumes, "i": i})
+        last["train/loss"] = 99.0 + i
+        last[f"new_{i}"] = 1.0
+        resumes.append(7)
+        ckpt.wait()
+        step, _, meta = ckpt.restore_latest(state)
+        assert step == i + 1 and meta["i"] == i
+        assert meta["last"]["train/loss"] == (1.5 if i == 0 else 98.0 + i)
+        assert f"new_{i}" not in meta["last"] and len(meta["resumes"]) == i + 1
+    ckpt.close()
