@@ -147,10 +147,15 @@ def global_norm_xla(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def activate(y, activation=None):
+    """activation(y), or y itself when `activation` is None."""
+    return y if activation is None else activation(y)
+
+
 def normalize_affine_xla(x, scale, bias, axes, epsilon, activation=None):
     x_hat, mean, var = normalize_xla(x, axes, epsilon)
     y = x_hat * scale + bias
-    return (y if activation is None else activation(y)), y, mean, var
+    return activate(y, activation), y, mean, var
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +479,7 @@ def _normalize_affine_fwd(x, scale, bias, axes, epsilon, activation):
     var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
     r = jax.lax.rsqrt(var + epsilon)
     y = (x - mean) * r * scale + bias
-    return ((y if activation is None else activation(y)), y, mean, var), (x, mean, r, scale, bias)
+    return (activate(y, activation), y, mean, var), (x, mean, r, scale, bias)
 
 
 def _normalize_affine_bwd(axes, epsilon, activation, res, cts):

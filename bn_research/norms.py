@@ -98,7 +98,7 @@ class BatchNorm(nnx.Module):
         else:
             def norm(x, axes):
                 y, mean, var = kernels.normalize(x, axes, self.epsilon)
-                return (y if activation is None else activation(y)), y, mean, var
+                return kernels.activate(y, activation), y, mean, var
         if v and v < b:
             if b % v:
                 raise ValueError(
@@ -146,7 +146,7 @@ class BatchNorm(nnx.Module):
         y = (x - self.mean.value) * jax.lax.rsqrt(self.var.value + self.epsilon)
         if self.affine:
             y = y * self.scale.value + self.bias.value
-        return (y if activation is None else activation(y)), y, moments
+        return kernels.activate(y, activation), y, moments
 
 
 R_SIGMA_READINGS = ("std", "variance")
@@ -212,7 +212,7 @@ class NoisyBatchNorm(BatchNorm):
     def with_moments(self, x, *, train: bool, rng=None, activation=None):
         """(activation(y), y, {}): the noise moves the output's moments away from batch norm's."""
         y = self(x, train=train, rng=rng)
-        return (y if activation is None else activation(y)), y, {}
+        return kernels.activate(y, activation), y, {}
 
     def __call__(self, x, *, train: bool, rng=None):
         if not train:

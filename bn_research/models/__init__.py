@@ -78,7 +78,7 @@ class Layer(nnx.Module):
         if with_moments is not None:
             return with_moments(x, train=train, rng=rng, activation=activation)
         y = self.norm(x, train=train, rng=rng)
-        return (y if activation is None else activation(y)), y, {}
+        return kernels.activate(y, activation), y, {}
 
 
 @jax.tree_util.register_pytree_node_class

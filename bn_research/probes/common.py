@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn_research import kernels
+
 
 def value(x):
     """The array inside an nnx Variable leaf (or `x` itself)."""
@@ -269,7 +271,8 @@ def norm(x):
 
 
 def tree_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+    """The Euclidean norm of all leaves together (`kernels.global_norm_xla`)."""
+    return kernels.global_norm_xla(tree)
 
 
 def rms(x):
