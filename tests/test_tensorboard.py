@@ -122,3 +122,46 @@ def test_event_file_records_check_against_tensorflows_reader(tmp_path):
         assert struct.unpack("<I", raw[at + 12 + len(r):at + 16 + len(r)])[0] == masked_crc32c(r)
         at += 16 + len(r)
     assert at == len(raw)
+
+
+def test_hand_encoded_records_equal_tensorboards_messages(tmp_path):
+    """The rows' records, encoded by `EventWriter` in protobuf's wire format, parse to the
+    same `Event` as one built with TensorBoard's message classes: scalars (also beyond
+    float32's range, nan and negative), a step past 2**32, histograms of two lengths."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.plugins.histogram import metadata
+
+    scalars = {"train/loss": 0.25, "dist/dense_0/x": -1.5e-7, "big": 1e39, "small": -1e39, "nan": float("nan"),
+               "grad/norm": np.float32(3.0)}
+    units = {("dense_0", "dist/train/act_in_mean"): np.linspace(-1.0, 2.0, 100),
+             ("dense_0", "weights/w_norm"): np.array([0.5, 0.25, 4.0]),
+             ("dense_0", "dist/train/act_in_var"): np.array([1.0, np.inf])}  # not finite: skipped
+    w = tensorboard_log.EventWriter(tmp_path, None, ["dense_0"])
+    w.write(0, scalars)
+    w.write(2**40 + 3, scalars)
+    w.histograms(7, units)
+    w.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing import event_file_loader
+
+    got = [e for e in event_file_loader.RawEventFileLoader(str(path)).Load()][1:]
+    got = [event_pb2.Event.FromString(r) for r in got]
+    assert len(got) == 3
+    for e, step in zip(got[:2], (0, 2**40 + 3), strict=True):
+        want = event_pb2.Event(step=step, wall_time=e.wall_time, summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=tensorboard_log.tag(k, ["dense_0"]), simple_value=float(v))
+            for k, v in scalars.items()]))
+        assert e.wall_time > 0
+        assert e.SerializeToString() == want.SerializeToString()  # nan compares bitwise here
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=tensorboard_log.BUCKETS),
+                                                   tensor_shape_pb2.TensorShapeProto.Dim(size=3)])
+    want_values = []
+    for (layer, stat), v in list(units.items())[:2]:
+        name = tensorboard_log.units_tag(layer, stat)
+        b = tensorboard_log.bucketize(v[None])[0]
+        want_values.append(summary_pb2.Summary.Value(
+            tag=name, metadata=metadata.create_summary_metadata(display_name=name, description=""),
+            tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape, tensor_content=b.tobytes())))
+    want = event_pb2.Event(step=7, wall_time=got[2].wall_time, summary=summary_pb2.Summary(value=want_values))
+    assert got[2] == want
+    assert [v.simple_value for v in got[0].summary.value][2:4] == [np.inf, -np.inf]
