@@ -370,11 +370,16 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
         bar.update(end, float(np.mean(losses)) if losses else None)
         return any(h.live for h in hosts)
 
-    def save(at, state) -> None:
-        fetched = jax.device_get(state)  # once, for every run's slice
+    def fetch(at, state) -> tuple:
+        """The state on the host (once, for every run's slice) and each run's timing: after
+        this the next chunk may take the device buffers while `commit` writes them."""
+        return at, jax.device_get(state), [timing(h) for h in hosts]
+
+    def commit(saving) -> None:
+        at, fetched, timings = saving
         for i, h in enumerate(hosts):
             if h.live:
-                h.save(at, programs.part(fetched, i), timing(h))
+                h.save(at, programs.part(fetched, i), timings[i])
 
     stop = _StopSignals()
     try:
@@ -392,27 +397,33 @@ def run(config, hosts: list[RunHost], programs: Programs, state, start: int, bar
             bar.start(start)
             clock["loop"] = time.time()
             ok, stopping = True, stop.name is not None
+            saving = None  # a checkpoint fetched at a chunk end, written while the next chunk runs
             while start < num_steps and ok and not stopping:
                 n = min(k, num_steps - start)
                 state, metrics = programs.chunk(state, start, n)
                 end = start + n
                 eval_metrics = programs.evaluate(state) if end % eval_every == 0 or end == num_steps else None
+                if saving is not None:
+                    commit(saving)
+                    saving = None
                 if pending is not None:
                     ok = process(pending)
                 pending, start = (end, metrics, eval_metrics), end
                 at_checkpoint = checkpoint_every and end % checkpoint_every == 0
                 stopping = stop.agreed(end) is not None
                 if ok and end < num_steps and (at_checkpoint or stopping):
-                    ok = process(pending)  # the state is donated to the next chunk: save it now
+                    ok = process(pending)  # its rows are on disk before the checkpoint commits
                     pending = None
                     if ok:
-                        save(end, state)
+                        saving = fetch(end, state)  # the state is donated to the next chunk
+            if saving is not None:
+                commit(saving)
             if ok and pending is not None:
                 ok = process(pending)
             live = [h for h in hosts if h.live]
             if live and all(h.done == num_steps for h in live):
                 if any(num_steps not in h.ckpt.steps() for h in live):
-                    save(num_steps, state)
+                    commit(fetch(num_steps, state))
                 for h in live:
                     h.ckpt.wait()
                     h.summary.update(status="completed", step=num_steps, final=h.last)
