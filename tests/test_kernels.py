@@ -267,25 +267,30 @@ def test_cnn_trains_the_same_with_either_kernel_set(monkeypatch):
         np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)
 
 
-def test_native_order_statistics_equal_the_bisection():
+@pytest.mark.parametrize("n, ranks", [(4096, (0, 1, 614, 2047, 3481, 4094)), (1000, (0, 1, 149, 500, 849, 998)),
+                                      (60, (0, 8, 9, 29, 50, 58)), (256, (0, 38, 127, 216, 254)), (3, (0, 1))])
+def test_native_order_statistics_equal_the_bisection(n, ranks):
     """The drift probe's percentiles on the CPU take their order statistics from the
-    native library (selection); they equal `drift.order_statistics` (bisection on the
-    float32 bit patterns) bit for bit, ranks and their successors, alone and under vmap,
-    on columns with +-0, ties, infinities and huge and tiny magnitudes."""
+    native library (selection for many values per column, over the cores from 16,384
+    values on; pairwise ranks for up to 256 per column);
+    they equal `drift.order_statistics` (bisection on the float32 bit patterns) bit for
+    bit, ranks and their successors (up to the last value), alone and under vmap, on
+    columns with +-0, ties (a column of one value), infinities and huge and tiny
+    magnitudes."""
     from bn_research.probes import drift
 
     if not onednn.available():
         pytest.skip(f"native library unavailable: {onednn.reason()}")
     rng = np.random.default_rng(5)
-    a = rng.standard_t(2, size=(1000, 5)).astype(np.float32) * np.float32([1, 1e-30, 1e30, 1, 1])
+    a = rng.standard_t(2, size=(4096, 5)).astype(np.float32) * np.float32([1, 1e-30, 1e30, 1, 1])
     a[:7, 0], a[7:12, 0], a[:40, 3], a[:, 4] = 0.0, -0.0, 2.5, 1.0
     a[0, 1], a[1, 1] = np.inf, -np.inf
-    ranks = (0, 1, 149, 500, 849, 998)  # successors up to rank 999, the last
+    a = np.ascontiguousarray(a[:n])
     low, nxt = jax.jit(lambda x: onednn.order_statistics(x, ranks))(a)
     b_low, b_nxt = drift.order_statistics(jnp.asarray(a), ranks, successors=True)
     np.testing.assert_array_equal(np.asarray(low).view(np.uint32), np.asarray(b_low).view(np.uint32))
     np.testing.assert_array_equal(np.asarray(nxt).view(np.uint32), np.asarray(b_nxt).view(np.uint32))
-    np.testing.assert_array_equal(np.asarray(nxt), np.sort(a, 0)[np.asarray(ranks) + 1])
+    np.testing.assert_array_equal(np.asarray(nxt), np.sort(a, 0)[np.minimum(np.asarray(ranks) + 1, n - 1)])
     pair = np.stack([a, -2 * a[::-1]])
     v_low, v_nxt = jax.jit(jax.vmap(lambda x: onednn.order_statistics(x, ranks)))(pair)
     for i in range(2):

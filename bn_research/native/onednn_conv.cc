@@ -5,7 +5,8 @@
 //   BnOrderStatistics(a[..., N, U]; ranks[K]) -> low[..., K, U], next[..., K, U]
 // the ranks[k]-th and (ranks[k] + 1)-th smallest values of every column, exactly (the
 // order of the float32 bit patterns that drift.order_statistics bisects on), by
-// std::nth_element, columns spread over the cores; it does not use oneDNN.
+// std::nth_element, columns spread over the cores (up to 256 values per column: from every
+// value's rank by pairwise comparison, the columns vectorized); it does not use oneDNN.
 // Built and loaded by bn_research/onednn.py, which also holds the reasons for this file.
 // Activations stay in the caller's NHWC layout; weights are reordered between HWIO and
 // the layout oneDNN's implementation chooses (tiny). One plan (primitive and reorders)
@@ -198,6 +199,45 @@ inline float from_key(uint32_t k) {
   return v;
 }
 
+constexpr int64_t kParallelMinElements = 1 << 14;
+constexpr int64_t kPairwiseMaxN = 256;
+
+// Few values per column (the MLP's [60, 100] layers): every value's rank from pairwise
+// comparisons, rows against rows with the columns innermost (contiguous, vectorized), a
+// stable rank (ties in row order) so that the ranks are a permutation.
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3")))
+void PairwiseRanks(const int32_t* keys, int64_t n, int64_t u, int32_t* rank) {
+  for (int64_t i = 0; i < n * u; ++i) rank[i] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* ki = keys + i * u;
+    int32_t* ri = rank + i * u;
+    for (int64_t j = 0; j < i; ++j) {
+      const int32_t* kj = keys + j * u;
+      for (int64_t c = 0; c < u; ++c) ri[c] += kj[c] <= ki[c];
+    }
+    for (int64_t j = i + 1; j < n; ++j) {
+      const int32_t* kj = keys + j * u;
+      for (int64_t c = 0; c < u; ++c) ri[c] += kj[c] < ki[c];
+    }
+  }
+}
+
+void ByPairwiseRanks(const float* src, int64_t n, int64_t u, ffi::Span<const int32_t> ranks, float* lo, float* nx) {
+  const int64_t k = ranks.size();
+  std::vector<int32_t> keys(n * u), rank(n * u);
+  // the unsigned sort keys with the top bit flipped: signed order is their order
+  for (int64_t i = 0; i < n * u; ++i) keys[i] = static_cast<int32_t>(sort_key(src[i]) ^ 0x80000000u);
+  PairwiseRanks(keys.data(), n, u, rank.data());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < u; ++c) {
+      const int32_t at = rank[i * u + c];
+      for (int64_t r = 0; r < k; ++r) {
+        if (at == ranks[r]) lo[r * u + c] = src[i * u + c];
+        if (at == ranks[r] + 1 || (at == ranks[r] && ranks[r] + 1 == n)) nx[r * u + c] = src[i * u + c];
+      }
+    }
+}
+
 ffi::Error OrderStatistics(F32 a, ffi::Span<const int32_t> ranks, ffi::ResultBuffer<ffi::F32> low,
                            ffi::ResultBuffer<ffi::F32> next) {
   auto d = a.dimensions();
@@ -210,7 +250,12 @@ ffi::Error OrderStatistics(F32 a, ffi::Span<const int32_t> ranks, ffi::ResultBuf
   const float* src = a.typed_data();
   float* lo = low->typed_data();
   float* nx = next->typed_data();
-#pragma omp parallel
+  if (n <= kPairwiseMaxN) {  // on the calling thread: OpenMP's threads, which share the
+    for (int64_t b = 0; b < batches; ++b)  // cores with XLA's, cost more to wake than this
+      ByPairwiseRanks(src + b * n * u, n, u, ranks, lo + b * k * u, nx + b * k * u);
+    return ffi::Error::Success();
+  }
+#pragma omp parallel if (batches * u * n >= kParallelMinElements)
   {
     std::vector<uint32_t> keys(n);
 #pragma omp for schedule(static)

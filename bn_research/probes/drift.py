@@ -37,7 +37,11 @@ SOURCES = ("train", "probe")
 # else by bisection (`order_statistics`). Measured on XLA:CPU (one call in a 50-step loop):
 # N x U = 32 x 300: pairwise 0.13 ms, bisection 0.16; 60 x 32: 0.03 / 0.08;
 # 60 x 300: 0.31 / 0.26; 256 x 48: 0.65 / 0.15; 256 x 300: 5.3 / 0.96; the MLP's 3 layers of
-# 60 x 100 (one vmap): 0.29 / 0.25.
+# 60 x 100 (one vmap): 0.29 / 0.25. With the native library (kind 'onednn') the larger ones
+# go to `onednn.order_statistics`, which itself ranks pairwise up to 256 values per column,
+# on the calling thread: the MLP's 3 x 60 x 100 0.24 -> 0.17 ms per call alone, and a probe
+# step of the default MLP probes 1.21 -> 0.83 ms (its OpenMP threads had shared the cores
+# with XLA's).
 PAIRWISE_MAX_ELEMENTS = 200_000
 
 
