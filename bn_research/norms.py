@@ -209,10 +209,9 @@ class NoisyBatchNorm(BatchNorm):
         self.noise = NoiseSpec.from_config(cfg)
         self.after_affine = bool(cfg.noise_after_affine)
 
-    def with_moments(self, x, *, train: bool, rng=None, activation=None):
-        """(activation(y), y, {}): the noise moves the output's moments away from batch norm's."""
-        y = self(x, train=train, rng=rng)
-        return kernels.activate(y, activation), y, {}
+    # no moments: the noise moves the output's away from batch norm's, so `Layer` calls
+    # this normalizer and applies the activation as it does for every other one
+    with_moments = None
 
     def __call__(self, x, *, train: bool, rng=None):
         if not train:
