@@ -582,6 +582,12 @@ def main(argv=None):
                         + "; inductor, default mode, static shapes; compilation in the warm-up, not timed")
                 else:
                     add_unavailable(sec, name_c, label, fw_res, compiled, torch_status["compile"])
+            if "bare_scan" in res and torch_status["eager"] is None:
+                add(sec, f"{kind} bare scanned steps / PyTorch eager (speedup)", f"bare scan K={k}",
+                    res["bare_scan"], eager, res["torch"], lambda a, b: a / b,
+                    note="the hand-written jitted JAX step of the same model (benchmarks/bare_jax.py: no framework, "
+                         "no probes, logging, evaluation or checkpoints), K steps per dispatch: what XLA:CPU gives "
+                         "this model written directly in JAX, the ceiling of the framework rows above")
 
         if "probes" in only:
             # the MLP's chunk takes ~0.3 s: 4 per timing and at least 5 repetitions keep its
