@@ -241,7 +241,10 @@ class Timing(NamedTuple):
 
 class _StopSignals:
     """While active (main thread only), SIGTERM / SIGINT set `name` so the loop stops at the
-    next chunk boundary with a checkpoint; a second signal raises KeyboardInterrupt."""
+    next chunk boundary with a checkpoint; a second signal raises KeyboardInterrupt. A
+    signal the process is ignoring stays ignored: a shell without job control starts its
+    background commands (`cmd &` in a script) with SIGINT ignored, so that a Ctrl-C meant
+    for the script does not reach them (Python itself keeps it ignored then)."""
 
     def __init__(self):
         self.name = None
@@ -252,7 +255,8 @@ class _StopSignals:
             # several processes: SIGTERM is JAX's preemption notice (see `agreed`)
             sigs = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else (signal.SIGINT,)
             for sig in sigs:
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def agreed(self, step: int) -> str | None:

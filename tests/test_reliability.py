@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bn_research import checkpoint, cli, rundir, runs, train
+from bn_research import checkpoint, cli, loop, rundir, runs, train
 from tests.conftest import load_config, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ SMALL = ["--config.train.num_steps=200", "--config.train.log_every=20", "--confi
          "--config.train.checkpoint_every=100"]
 
 
-def test_sigint_in_process_and_resume_from_nothing(tmp_path, monkeypatch, capsys):
+def test_sigint_in_process_and_resume_from_nothing(tmp_path, monkeypatch, capsys, request):
     """SIGINT (sent to this process while step 60 is logged) stops at the chunk boundary
     after it with a checkpoint, exit code 130; the resume matches an uninterrupted run.
     Then: a run killed before its first checkpoint (only config, partial metrics and
@@ -158,6 +158,10 @@ def test_sigint_in_process_and_resume_from_nothing(tmp_path, monkeypatch, capsys
             "--config.train.steps_per_dispatch=20"]
     assert cli.main([*args, f"--workdir={tmp_path / 'ref'}"]) == 0
     write = rundir.MetricsWriter.write
+    # as in a process started from a terminal (pytest run as a background job of a
+    # non-interactive shell starts with SIGINT ignored, which a run leaves ignored)
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, started_with))
 
     def write_and_signal(self, step, scalars):
         write(self, step, scalars)
@@ -192,6 +196,24 @@ def test_sigint_in_process_and_resume_from_nothing(tmp_path, monkeypatch, capsys
     assert "from step 0" in capsys.readouterr().err
     assert (early / "metrics.jsonl").read_bytes() == (ref / "metrics.jsonl").read_bytes()
     pd.testing.assert_frame_equal(runs.load(early).layer_stats, runs.load(ref).layer_stats, check_exact=True)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A process started with SIGINT ignored (a background command of a script) keeps
+    ignoring it while the loop runs and after; SIGTERM still stops the run."""
+    started_with = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term_before = signal.getsignal(signal.SIGTERM)
+    try:
+        with loop._StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.name is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.name == "SIGTERM"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is term_before
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 def _diverging_config():
