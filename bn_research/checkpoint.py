@@ -14,6 +14,8 @@ Restore goes into the structure of a freshly built state (`target`): the graphde
 never pickled and a checkpoint of another architecture fails loudly. An unreadable
 checkpoint is moved to `<workdir>/corrupt_checkpoints/<step>` (never deleted) with a
 one-line warning and the previous one is tried; if none is readable, `CheckpointError`.
+The reads orbax leaves in flight when a restore fails would each print an "Event loop is
+closed" traceback a moment later; `_QuietFailedRestore` drops those (and only those).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import copy
 import hashlib
 import json
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -61,6 +65,58 @@ def _short(e: BaseException, limit: int = 120) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
+def _closed_loop_noise(unraisable) -> bool:
+    """True for the exception that orbax's cancelled reads leave behind after a restore
+    failed: each read still in flight completes into the restore's event loop, which
+    `asyncio.run` has closed by then, and is reported as 'Exception ignored' (a dozen
+    tracebacks before the one-line warning)."""
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+class _QuietFailedRestore:
+    """While installed, `sys.unraisablehook` drops `_closed_loop_noise` and passes every
+    other unraisable exception on to the hook it replaced. Installed for each restore;
+    after a failed one it stays until the Checkpointer closes, then the previous hook is
+    back. The cancelled reads finish a few milliseconds after the failure: `settle` waits
+    for them."""
+
+    def __init__(self):
+        self.previous = None
+        self.dropped = 0
+
+    def __call__(self, unraisable):
+        if _closed_loop_noise(unraisable):
+            self.dropped += 1
+        else:
+            (self.previous or sys.__unraisablehook__)(unraisable)
+
+    def settle(self, quiet: float = 0.1, limit: float = 2.0) -> None:
+        """Return once nothing was dropped for `quiet` seconds (at most `limit`)."""
+        start = mark = time.monotonic()
+        seen = self.dropped
+        while time.monotonic() - start < limit:
+            time.sleep(0.01)
+            if self.dropped != seen:
+                seen, mark = self.dropped, time.monotonic()
+            elif time.monotonic() - mark >= quiet:
+                return
+
+    def install(self) -> None:
+        if self.previous is None:
+            self.previous = sys.unraisablehook
+            sys.unraisablehook = self
+
+    def remove(self) -> None:
+        if self.previous is not None:
+            if sys.unraisablehook is self:  # a hook installed after ours stays
+                sys.unraisablehook = self.previous
+            self.previous = None
+
+
 class Checkpointer:
     """Asynchronous orbax checkpoints under `<workdir>/checkpoints`, keeping the last `keep`."""
 
@@ -72,6 +128,7 @@ class Checkpointer:
             max_to_keep=max(int(keep), 1), create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous,
         )
+        self._quiet = _QuietFailedRestore()
         try:
             self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         except Exception as e:  # noqa: BLE001  (a garbled checkpoints/ directory: one line)
@@ -124,17 +181,23 @@ class Checkpointer:
         steps = [s for s in self.steps() if steps is None or s in steps]
         failures = []
         for step in reversed(steps):
+            self._quiet.install()
             try:
                 state, meta = self._restore(step, target)
             except Exception as e:  # noqa: BLE001  (any failure to read: try the previous one)
                 failures.append((step, _short(e)))
                 continue
+            if failures:
+                self._quiet.settle()
+            else:
+                self._quiet.remove()
             for bad, reason in failures:
                 moved = self._move_aside(bad)
                 warn(f"warning: checkpoint at step {bad} in {self.directory} is unreadable ({reason}); "
                      f"moved to {moved}, resuming from step {step}")
             return step, state, meta
         if failures:
+            self._quiet.settle()
             bad, reason = failures[0]
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory} (step {bad}: {reason}); "
@@ -158,3 +221,4 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        self._quiet.remove()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -259,17 +260,28 @@ def _small(steps=10):
     return config
 
 
+def _truncate_arrays(checkpoint_dir):
+    """Cut every array file of the checkpoint(s) under `checkpoint_dir` in half."""
+    for f in checkpoint_dir.rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+
+# orbax's reads still in flight after a failed restore used to print a dozen "Event loop is
+# closed" tracebacks (unraisable exceptions) before the one-line warning
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
     ref = train.train_and_evaluate(_small(), tmp_path / "ref")
     workdir = tmp_path / "run"
     shutil.copytree(tmp_path / "ref", workdir)
     (workdir / "summary.json").unlink()  # as if killed just after the last checkpoint
-    for f in (workdir / "checkpoints" / "10" / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    _truncate_arrays(workdir / "checkpoints" / "10" / "state")
     capsys.readouterr()
+    hook = sys.unraisablehook
     summary = train.train_and_evaluate(_small(), workdir)
+    assert sys.unraisablehook is hook
     err = capsys.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning: checkpoint at step 10")]
     assert len(warnings) == 1 and "resuming from step 5" in warnings[0]
     assert (workdir / "corrupt_checkpoints" / "10").is_dir()  # kept, not deleted
@@ -287,6 +299,56 @@ def test_every_checkpoint_unreadable_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         train.train_and_evaluate(_small(), workdir)
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_every_checkpoints_arrays_unreadable_is_one_line_without_tracebacks(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(_small(), workdir)
+    (workdir / "summary.json").unlink()
+    _truncate_arrays(workdir / "checkpoints")
+    capsys.readouterr()
+    hook = sys.unraisablehook
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train.train_and_evaluate(_small(), workdir)
+    assert sys.unraisablehook is hook
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
+def test_the_failed_restore_filter_passes_other_unraisables_on():
+    """Only the closed event loop's RuntimeError from asyncio is dropped; anything else
+    reaches the hook that was installed before."""
+    import asyncio
+
+    def closed_loop_error():
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print)
+        except RuntimeError as e:
+            return e
+
+    def args(e, obj=None):
+        return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                     err_msg=None, object=obj)
+
+    seen = []
+    before = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    quiet = checkpoint._QuietFailedRestore()
+    try:
+        quiet.install()
+        assert sys.unraisablehook is quiet
+        noise, other = closed_loop_error(), RuntimeError("Event loop is closed")  # the latter raised elsewhere
+        for a in (args(noise), args(other), args(ValueError("x")), args(noise, obj="some object")):
+            sys.unraisablehook(a)
+        assert [type(a.exc_value) for a in seen] == [RuntimeError, ValueError, RuntimeError]
+        assert seen[0].exc_value is other and seen[2].exc_value is noise and quiet.dropped == 1
+        quiet.remove()
+        assert sys.unraisablehook == seen.append
+    finally:
+        sys.unraisablehook = before
 
 
 def test_truncate_metrics_drops_later_rows_and_a_cut_line(tmp_path):
