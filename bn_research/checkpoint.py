@@ -15,7 +15,7 @@ never pickled and a checkpoint of another architecture fails loudly. An unreadab
 checkpoint is moved to `<workdir>/corrupt_checkpoints/<step>` (never deleted) with a
 one-line warning and the previous one is tried; if none is readable, `CheckpointError`.
 The reads orbax leaves in flight when a restore fails would each print an "Event loop is
-closed" traceback a moment later; `_QuietFailedRestore` drops those (and only those).
+closed" traceback a moment later; `_QUIET` drops those (and only those).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,14 +80,16 @@ def _closed_loop_noise(unraisable) -> bool:
 
 class _QuietFailedRestore:
     """While installed, `sys.unraisablehook` drops `_closed_loop_noise` and passes every
-    other unraisable exception on to the hook it replaced. Installed for each restore;
-    after a failed one it stays until the Checkpointer closes, then the previous hook is
-    back. The cancelled reads finish a few milliseconds after the failure: `settle` waits
-    for them."""
+    other unraisable exception on to the hook it replaced. One per process (`_QUIET`),
+    shared by the Checkpointers that hold it: each holds it during a restore and, after a
+    failed one, until it closes; the previous hook is back when the last lets go. The
+    cancelled reads finish a few milliseconds after the failure: `settle` waits for them."""
 
     def __init__(self):
         self.previous = None
+        self.holders = set()
         self.dropped = 0
+        self._lock = threading.Lock()
 
     def __call__(self, unraisable):
         if _closed_loop_noise(unraisable):
@@ -105,16 +108,25 @@ class _QuietFailedRestore:
             elif time.monotonic() - mark >= quiet:
                 return
 
-    def install(self) -> None:
-        if self.previous is None:
-            self.previous = sys.unraisablehook
-            sys.unraisablehook = self
+    def install(self, holder) -> None:
+        with self._lock:
+            if not self.holders:
+                self.previous = sys.unraisablehook
+                sys.unraisablehook = self
+            self.holders.add(id(holder))
 
-    def remove(self) -> None:
-        if self.previous is not None:
-            if sys.unraisablehook is self:  # a hook installed after ours stays
-                sys.unraisablehook = self.previous
-            self.previous = None
+    def remove(self, holder) -> None:
+        with self._lock:
+            if id(holder) not in self.holders:
+                return
+            self.holders.discard(id(holder))
+            if not self.holders:
+                if sys.unraisablehook is self:  # a hook installed after ours stays
+                    sys.unraisablehook = self.previous
+                self.previous = None
+
+
+_QUIET = _QuietFailedRestore()
 
 
 class Checkpointer:
@@ -128,7 +140,6 @@ class Checkpointer:
             max_to_keep=max(int(keep), 1), create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous,
         )
-        self._quiet = _QuietFailedRestore()
         try:
             self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         except Exception as e:  # noqa: BLE001  (a garbled checkpoints/ directory: one line)
@@ -181,23 +192,23 @@ class Checkpointer:
         steps = [s for s in self.steps() if steps is None or s in steps]
         failures = []
         for step in reversed(steps):
-            self._quiet.install()
+            _QUIET.install(self)
             try:
                 state, meta = self._restore(step, target)
             except Exception as e:  # noqa: BLE001  (any failure to read: try the previous one)
                 failures.append((step, _short(e)))
                 continue
             if failures:
-                self._quiet.settle()
+                _QUIET.settle()
             else:
-                self._quiet.remove()
+                _QUIET.remove(self)
             for bad, reason in failures:
                 moved = self._move_aside(bad)
                 warn(f"warning: checkpoint at step {bad} in {self.directory} is unreadable ({reason}); "
                      f"moved to {moved}, resuming from step {step}")
             return step, state, meta
         if failures:
-            self._quiet.settle()
+            _QUIET.settle()
             bad, reason = failures[0]
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory} (step {bad}: {reason}); "
@@ -221,4 +232,4 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-        self._quiet.remove()
+        _QUIET.remove(self)

@@ -336,16 +336,19 @@ def test_the_failed_restore_filter_passes_other_unraisables_on():
     seen = []
     before = sys.unraisablehook
     sys.unraisablehook = seen.append
-    quiet = checkpoint._QuietFailedRestore()
+    quiet, one, two = checkpoint._QuietFailedRestore(), object(), object()
     try:
-        quiet.install()
+        quiet.install(one)
+        quiet.install(two)
         assert sys.unraisablehook is quiet
         noise, other = closed_loop_error(), RuntimeError("Event loop is closed")  # the latter raised elsewhere
         for a in (args(noise), args(other), args(ValueError("x")), args(noise, obj="some object")):
             sys.unraisablehook(a)
         assert [type(a.exc_value) for a in seen] == [RuntimeError, ValueError, RuntimeError]
         assert seen[0].exc_value is other and seen[2].exc_value is noise and quiet.dropped == 1
-        quiet.remove()
+        quiet.remove(one)
+        assert sys.unraisablehook is quiet  # still held by the other
+        quiet.remove(two)
         assert sys.unraisablehook == seen.append
     finally:
         sys.unraisablehook = before
