@@ -322,10 +322,10 @@ def test_the_failed_restore_filter_passes_other_unraisables_on():
     import asyncio
 
     def closed_loop_error():
-        loop = asyncio.new_event_loop()
-        loop.close()
+        event_loop = asyncio.new_event_loop()  # not `loop`: that is bn_research.loop here
+        event_loop.close()
         try:
-            loop.call_soon_threadsafe(print)
+            event_loop.call_soon_threadsafe(print)
         except RuntimeError as e:
             return e
 
